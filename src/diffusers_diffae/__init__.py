@@ -1,0 +1,36 @@
+"""Diffusion Autoencoders (Preechakul et al., CVPR 2022) for Hugging Face diffusers."""
+
+from diffusers import ConfigMixin, ModelMixin, SchedulerMixin  # noqa: F401  (see models/__init__.py)
+
+from .models import (
+    CELEBAHQ_ATTRIBUTES,
+    AttributeClassifier,
+    AttributeClassifierOutput,
+    DiffAEUNet2DModel,
+    DiffAEUNet2DOutput,
+    LatentMLPDenoiser,
+    LatentMLPDenoiserOutput,
+    SemanticEncoder,
+    SemanticEncoderOutput,
+)
+from .pipelines import DiffAELatents, DiffAEPipeline
+from .presets import OFFICIAL_CONFIGS, official_component_configs, preset_config
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttributeClassifier",
+    "AttributeClassifierOutput",
+    "CELEBAHQ_ATTRIBUTES",
+    "DiffAELatents",
+    "DiffAEPipeline",
+    "DiffAEUNet2DModel",
+    "DiffAEUNet2DOutput",
+    "LatentMLPDenoiser",
+    "LatentMLPDenoiserOutput",
+    "OFFICIAL_CONFIGS",
+    "SemanticEncoder",
+    "SemanticEncoderOutput",
+    "official_component_configs",
+    "preset_config",
+]
