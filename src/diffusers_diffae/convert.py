@@ -280,7 +280,7 @@ def _convert_state_dict(
                 )
             converted[new_key] = new_tensor.to(torch.float32).contiguous()
     for new_key, tensor in aliases:  # official latent layers register the same Linear twice
-        if new_key in converted and not torch.equal(converted[new_key], tensor.to(torch.float32)):
+        if new_key in converted and not tensor.is_meta and not torch.equal(converted[new_key], tensor.float()):
             raise ValueError(f"corrupt checkpoint: the aliased latent tensors of {new_key} differ")
     missing = sorted(set(expected) - set(converted))
     if missing:
@@ -291,18 +291,72 @@ def _convert_state_dict(
     return converted, used
 
 
-def _load_converted(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
-    full = model.state_dict()
-    full.update(state)
-    model.load_state_dict(full, strict=True)
-
-
 def _statistics(obj: dict, where: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     if "conds_mean" not in obj and "conds_std" not in obj:
         return None
     if "conds_mean" not in obj or "conds_std" not in obj:
         raise ValueError(f"{where} has only one of conds_mean / conds_std")
     return obj["conds_mean"].float().reshape(-1), obj["conds_std"].float().reshape(-1)
+
+
+def convert_official_state_dict(state: Dict[str, torch.Tensor], configs: dict, use_ema: bool = True) -> dict:
+    """Maps an official `state_dict` onto the diffusers models described by `configs`.
+
+    Works on shapes only, so it also runs on meta tensors (used to check the full-size key lists). Every key is
+    either converted or deliberately ignored; anything else raises a `ValueError`.
+
+    Args:
+        state: the official `LitModel.state_dict()` (`x_T`, optional `conds_mean`/`conds_std`, `model.*`,
+            `ema_model.*`).
+        configs: the output of [`~diffusers_diffae.presets.official_component_configs`].
+        use_ema: take `ema_model.*` (default) or `model.*`.
+
+    Returns:
+        A dict with the state dicts `unet`, `encoder`, `latent_denoiser` (or `None`) and `statistics` (a
+        `(mean, std)` pair or `None`).
+    """
+    prefix, other = ("ema_model.", "model.") if use_ema else ("model.", "ema_model.")
+    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not weights:
+        raise ValueError(f"the checkpoint has no '{prefix}*' weights" + (" (try use_ema=False / --no-ema)" if use_ema else ""))
+    with torch.device("meta"):  # shapes only: the models are not materialised here
+        unet = DiffAEUNet2DModel.from_config(configs["unet"])
+        encoder = SemanticEncoder.from_config(configs["encoder"])
+        latent = LatentMLPDenoiser.from_config(configs["latent_denoiser"]) if configs["latent_denoiser"] else None
+    heads = configs["unet"]["num_heads"]
+    result = {"latent_denoiser": None}
+    result["unet"], used = _convert_state_dict(weights, _unet_modules(configs["unet"]), unet, heads, "UNet")
+    result["encoder"], used_encoder = _convert_state_dict(
+        weights, _encoder_modules(configs["encoder"]), encoder, heads, "encoder"
+    )
+    used |= used_encoder
+
+    has_latent_keys = any(k.startswith("latent_net.") for k in weights)
+    if latent is not None:
+        if not has_latent_keys:
+            raise ValueError(
+                "the config describes a latent DDIM (a *_latent release) but the checkpoint has no latent_net "
+                "weights; use the autoencoder config (e.g. ffhq256_autoenc) for this file"
+            )
+        result["latent_denoiser"], used_latent = _convert_state_dict(
+            weights, _latent_modules(configs["latent_denoiser"]), latent, 1, "latent net"
+        )
+        used |= used_latent
+    elif has_latent_keys:
+        raise ValueError(
+            "the checkpoint holds latent_net weights (a *_latent release) but the config has no latent net; use "
+            "the latent config (e.g. ffhq256_autoenc_latent)"
+        )
+
+    leftover = sorted(set(weights) - used)
+    if leftover:
+        raise ValueError(f"unknown key(s) in the checkpoint, not converted: {[prefix + k for k in leftover[:5]]}")
+    ignored = {"x_T", "conds_mean", "conds_std"}  # x_T: the trainer's fixed preview noise
+    unknown = sorted(k for k in state if not k.startswith((prefix, other)) and k not in ignored)
+    if unknown:
+        raise ValueError(f"unknown top-level key(s) in the checkpoint: {unknown[:5]}")
+    result["statistics"] = _statistics(state, "the checkpoint")
+    return result
 
 
 def convert_official_checkpoint(
@@ -324,7 +378,7 @@ def convert_official_checkpoint(
         latent_stats: an official `latent.pkl` (`conds_mean`, `conds_std`): the z_sem statistics.
 
     Returns:
-        The converted `DiffAEPipeline`.
+        The converted `DiffAEPipeline`, in eval mode.
     """
     from .pipelines import DiffAEPipeline  # the pipeline imports the models; avoid a cycle at import time
 
@@ -333,51 +387,9 @@ def convert_official_checkpoint(
     state = ckpt.get("state_dict", ckpt)
     if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{checkpoint} holds no state_dict of tensors; not an official DiffAE checkpoint")
-    prefix, other = ("ema_model.", "model.") if use_ema else ("model.", "ema_model.")
-    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    if not weights:
-        raise ValueError(
-            f"{checkpoint} has no '{prefix}*' weights" + (" (try use_ema=False / --no-ema)" if use_ema else "")
-        )
+    converted = convert_official_state_dict(state, configs, use_ema=use_ema)
 
-    unet = DiffAEUNet2DModel.from_config(configs["unet"])
-    encoder = SemanticEncoder.from_config(configs["encoder"])
-    heads = configs["unet"]["num_heads"]
-    unet_state, used = _convert_state_dict(weights, _unet_modules(configs["unet"]), unet, heads, "UNet")
-    encoder_state, used_enc = _convert_state_dict(weights, _encoder_modules(configs["encoder"]), encoder, heads, "encoder")
-    _load_converted(unet, unet_state)
-    _load_converted(encoder, encoder_state)
-    used |= used_enc
-
-    latent_denoiser = None
-    has_latent_keys = any(k.startswith("latent_net.") for k in weights)
-    if configs["latent_denoiser"] is not None:
-        if not has_latent_keys:
-            raise ValueError(
-                "the config describes a latent DDIM (a *_latent release) but the checkpoint has no latent_net "
-                "weights; use the autoencoder config (e.g. ffhq256_autoenc) for this file"
-            )
-        latent_denoiser = LatentMLPDenoiser.from_config(configs["latent_denoiser"])
-        latent_state, used_latent = _convert_state_dict(
-            weights, _latent_modules(configs["latent_denoiser"]), latent_denoiser, 1, "latent net"
-        )
-        _load_converted(latent_denoiser, latent_state)
-        used |= used_latent
-    elif has_latent_keys:
-        raise ValueError(
-            "the checkpoint holds latent_net weights (a *_latent release) but the config has no latent net; use "
-            "the latent config (e.g. ffhq256_autoenc_latent)"
-        )
-
-    leftover = sorted(set(weights) - used)
-    if leftover:
-        raise ValueError(f"unknown key(s) in the checkpoint, not converted: {[prefix + k for k in leftover[:5]]}")
-    ignored = {"x_T", "conds_mean", "conds_std"}  # x_T: the trainer's fixed preview noise
-    unknown = sorted(k for k in state if not k.startswith((prefix, other)) and k not in ignored)
-    if unknown:
-        raise ValueError(f"unknown top-level key(s) in the checkpoint: {unknown[:5]}")
-
-    stats = _statistics(state, str(checkpoint))
+    stats = converted["statistics"]
     if latent_stats is not None:
         pkl_stats = _statistics(load_official_file(latent_stats), str(latent_stats))
         if pkl_stats is None:
@@ -385,19 +397,27 @@ def convert_official_checkpoint(
         if stats is not None and not all(torch.allclose(a, b) for a, b in zip(stats, pkl_stats)):
             raise ValueError(f"the statistics in {latent_stats} differ from those stored in {checkpoint}")
         stats = pkl_stats
-    if stats is not None:
-        encoder.set_z_sem_statistics(*stats)
-        if latent_denoiser is not None:
-            latent_denoiser.set_z_sem_statistics(*stats)
-    elif latent_denoiser is not None:
+    if configs["latent_denoiser"] is not None and stats is None:
         raise ValueError("a latent release must hold conds_mean / conds_std (or pass latent_stats=latent.pkl)")
 
-    for model in (unet, encoder, latent_denoiser):
-        if model is not None:
-            model.eval()  # like from_pretrained: inference mode (dropout off)
-    pipe = DiffAEPipeline.from_official_configs(
-        configs, unet=unet, encoder=encoder, latent_denoiser=latent_denoiser
-    )
+    models = {
+        "unet": DiffAEUNet2DModel.from_config(configs["unet"]),
+        "encoder": SemanticEncoder.from_config(configs["encoder"]),
+        "latent_denoiser": (
+            LatentMLPDenoiser.from_config(configs["latent_denoiser"]) if configs["latent_denoiser"] else None
+        ),
+    }
+    for name, model in models.items():
+        if model is None:
+            continue
+        full = model.state_dict()
+        full.update(converted[name])
+        model.load_state_dict(full, strict=True)
+        if stats is not None and name != "unet":
+            model.set_z_sem_statistics(*stats)
+        model.eval()  # like from_pretrained: inference mode (dropout off)
+
+    pipe = DiffAEPipeline.from_official_configs(configs, **models)
     if output_dir is not None:
         pipe.save_pretrained(output_dir)
     return pipe

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import AttentionMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
@@ -26,7 +27,7 @@ class SemanticEncoderOutput(BaseOutput):
     z_sem: torch.Tensor
 
 
-class SemanticEncoder(ModelMixin, ConfigMixin, PeftAdapterMixin, ZSemStatisticsMixin):
+class SemanticEncoder(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin, ZSemStatisticsMixin):
     r"""
     Maps an image in [-1, 1] to the semantic code `z_sem` (official `BeatGANsEncoderModel`, pool
     `adaptivenonzero`): the contracting half of a UNet with unconditioned residual blocks, a bottleneck, then

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import AttentionMixin
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
@@ -26,7 +27,7 @@ class DiffAEUNet2DOutput(BaseOutput):
     sample: torch.Tensor
 
 
-class DiffAEUNet2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class DiffAEUNet2DModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin):
     r"""
     The DiffAE decoder: a UNet predicting the noise of `x_t`, modulated in every residual block by the timestep
     (scale and shift) and then by the semantic code `z_sem` (scale), `h -> (1 + z_s) * ((1 + t_s) * GN(h) + t_b)`.
