@@ -1,0 +1,381 @@
+"""The `diffae` command: a demo on the bundled model, and the pipeline methods on your own images.
+
+```
+diffae demo --output demo_out/                    # bundled emoji model + bundled held-out emoji
+diffae reconstruct --model DIR --images a.png b.png --output out/
+diffae encode --model DIR --images a.png --output codes.safetensors
+diffae decode --model DIR --codes codes.safetensors --output out/
+diffae interpolate --model DIR --images a.png b.png --frames 8 --output out/
+diffae edit --model DIR --images a.png --attribute is_woman --strengths -0.5 0.5 --output out/
+diffae sample --model DIR --num 8 [--attribute ATTR] --output out/
+diffae convert --checkpoint last.ckpt --config ffhq256_autoenc --output DIR
+```
+`--model` takes any DiffAE pipeline folder or Hub repo id (default: the bundled emoji model).
+"""
+
+import argparse
+import html
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+
+ASSETS = Path(__file__).resolve().parent / "demo_assets"
+BUNDLED_MODEL = ASSETS / "diffae-emoji32"
+BUNDLED_SAMPLES = ASSETS / "samples"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_pipeline(model: Optional[str]):
+    from .pipelines import DiffAEPipeline
+
+    path = model or str(BUNDLED_MODEL)
+    if model is None and not (BUNDLED_MODEL / "model_index.json").is_file():
+        raise SystemExit(f"error: the bundled model is missing at {BUNDLED_MODEL}; pass --model DIR")
+    pipe = DiffAEPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(leave=False)
+    return pipe
+
+
+def load_images(paths: Sequence[str]) -> List[PIL.Image.Image]:
+    images = []
+    for path in paths:
+        try:
+            with PIL.Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except (OSError, PIL.UnidentifiedImageError) as e:
+            raise SystemExit(f"error: cannot read image {path}: {e}") from e
+    if not images:
+        raise SystemExit("error: no images given")
+    return images
+
+
+def grid(rows: Sequence[Sequence[PIL.Image.Image]], scale: int = 2, pad: int = 2) -> PIL.Image.Image:
+    """Rows of equally sized images -> one image, upscaled with nearest neighbour so small emoji stay crisp."""
+    w, h = rows[0][0].size
+    w, h = w * scale, h * scale
+    cols = max(len(r) for r in rows)
+    canvas = PIL.Image.new("RGB", (cols * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            canvas.paste(image.resize((w, h), PIL.Image.NEAREST), (pad + j * (w + pad), pad + i * (h + pad)))
+    return canvas
+
+
+def to_pil(images: torch.Tensor) -> List[PIL.Image.Image]:
+    array = (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return [PIL.Image.fromarray(a) for a in array]
+
+
+def reconstruction_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict:
+    """MSE, PSNR (dB) and SSIM of images in [0, 1], averaged over the batch."""
+    mse = (pred - target).pow(2).flatten(1).mean(1)
+    psnr = 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
+    result = {"mse": mse.mean().item(), "psnr": psnr.mean().item()}
+    try:
+        from pytorch_msssim import ssim
+
+        result["ssim"] = ssim(pred, target, data_range=1.0, size_average=True, win_size=7).item()
+    except ImportError:
+        result["ssim"] = None  # reported as "not measured" (pytorch-msssim is in the `metrics` extra)
+    return result
+
+
+def _read_metadata(folder: Path) -> List[dict]:
+    meta = folder / "metadata.jsonl"
+    if not meta.is_file():
+        return [{"file_name": p.name} for p in sorted(folder.glob("*.png"))]
+    return [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
+
+
+def fit_few_shot_head(z_n: torch.Tensor, labels: torch.Tensor, steps: int = 300, weight_decay: float = 1e-3):
+    """Logistic regression on normalised z_sem from a few labelled examples (paper §5.6), balanced classes."""
+    w = torch.zeros(z_n.shape[1], requires_grad=True)
+    b = torch.zeros((), requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+    pos_weight = (labels == 0).sum() / labels.sum().clamp_min(1)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z_n @ w + b, labels, pos_weight=pos_weight)
+        loss = loss + weight_decay * w.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return w.detach(), b.detach()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# demo
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_demo(args) -> int:
+    from .models import AttributeClassifier
+
+    start = time.time()
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    pipe = load_pipeline(args.model)
+    samples_dir = Path(args.samples) if args.samples else BUNDLED_SAMPLES
+    meta = _read_metadata(samples_dir)[: args.num_images]
+    if not meta:
+        raise SystemExit(f"error: no sample images in {samples_dir}")
+    images = load_images([str(samples_dir / m["file_name"]) for m in meta])
+    steps, n = args.steps, len(images)
+    generator = torch.Generator().manual_seed(args.seed)
+    sections, numbers = [], {}
+
+    print(f"[1/6] encoding {n} images (z_sem + DDIM inversion, T={steps})")
+    x = (pipe.preprocess(images) + 1) / 2
+    latents = pipe.encode(x, num_inference_steps=steps)
+
+    print("[2/6] reconstructing: z_sem only (random x_T) and full (inverted x_T)")
+    full = pipe.decode(latents.z_sem, latents.x_T, steps, output_type="pt").images
+    semantic = pipe.decode(latents.z_sem, None, steps, generator=generator, output_type="pt").images
+    numbers["reconstruction (inverted x_T)"] = reconstruction_metrics(full, x)
+    numbers["z_sem only (random x_T)"] = reconstruction_metrics(semantic, x)
+    shown = min(n, 12)
+    rows = [to_pil(x[:shown]), to_pil(semantic[:shown]), to_pil(full[:shown])]
+    grid(rows).save(out / "reconstructions.png")
+    sections.append(("Reconstructions", "reconstructions.png", "Rows: input | z_sem only with random x_T | full reconstruction (inverted x_T)."))
+
+    print("[3/6] interpolating and stochastic variations")
+    pairs = [(i, (i + n // 2) % n) for i in range(min(4, n // 2))]
+    rows = []
+    for i, j in pairs:
+        a = type(latents)(latents.z_sem[i : i + 1], latents.x_T[i : i + 1])
+        b = type(latents)(latents.z_sem[j : j + 1], latents.x_T[j : j + 1])
+        rows.append(to_pil(pipe.interpolate(a, b, num_frames=8, num_inference_steps=steps, output_type="pt").images))
+    grid(rows).save(out / "interpolations.png")
+    sections.append(("Interpolations", "interpolations.png", "lerp on z_sem, slerp on x_T (paper §5.2)."))
+    variation_rows = []
+    for i in range(min(4, n)):
+        z = latents.z_sem[i : i + 1].repeat(6, 1)
+        variation_rows.append([to_pil(x[i : i + 1])[0]] + to_pil(pipe.decode(z, None, steps, generator=generator, output_type="pt").images))
+    grid(variation_rows).save(out / "variations.png")
+    sections.append(("Stochastic variations", "variations.png", "Input, then the same z_sem decoded from six random x_T (paper Fig. 3)."))
+
+    print("[4/6] editing attributes")
+    if pipe.classifier is not None:
+        strengths = [-0.6, -0.3, 0.0, 0.3, 0.6]
+        for attribute in args.edit_attributes or _default_edit_attributes(pipe.classifier):
+            if attribute not in pipe.classifier.attribute_names:
+                continue
+            rows = []
+            for i in range(min(6, n)):
+                single = type(latents)(latents.z_sem[i : i + 1].repeat(len(strengths), 1), latents.x_T[i : i + 1].repeat(len(strengths), 1, 1, 1))
+                edited = pipe.edit(single, attribute=attribute, strength=torch.tensor(strengths), num_inference_steps=steps, output_type="pt").images
+                rows.append([to_pil(x[i : i + 1])[0]] + to_pil(edited))
+            name = f"edit_{attribute}.png"
+            grid(rows).save(out / name)
+            sections.append((f"Edit: {attribute}", name, f"Input, then strength {strengths} along the classifier direction; x_T kept."))
+    else:
+        print("      (the model has no classifier: skipped)")
+
+    print("[5/6] sampling unconditionally")
+    if pipe.latent_denoiser is not None:
+        uncond = pipe(batch_size=16, num_inference_steps=steps, latent_num_inference_steps=steps, generator=generator, output_type="pt").images
+        grid([to_pil(uncond[:8]), to_pil(uncond[8:])]).save(out / "samples.png")
+        sections.append(("Unconditional samples", "samples.png", "Latent DDIM on normalised z_sem, then the decoder (paper §4)."))
+
+        print("[6/6] few-shot conditional sampling")
+        attribute = args.few_shot_attribute
+        labels = torch.tensor([float(bool(m.get(attribute, 0))) for m in meta]) if attribute else None
+        if labels is not None and 0 < labels.sum() < len(labels):
+            stats = pipe.latent_denoiser
+            w, b = fit_few_shot_head(stats.normalize_z_sem(latents.z_sem.float()), labels)
+            head = AttributeClassifier(num_channels=w.numel(), attribute_names=[attribute], attribute_types=["binary"])
+            head.linear.weight.data[0], head.linear.bias.data[0] = w, b
+            head.set_z_sem_statistics(stats.z_sem_mean, stats.z_sem_std)
+            full_classifier, pipe.classifier = pipe.classifier, head
+            try:
+                cond = pipe(batch_size=8, num_inference_steps=steps, latent_num_inference_steps=steps, attribute=attribute, generator=generator, output_type="pt").images
+            except ValueError as e:
+                cond = None
+                print(f"      few-shot sampling failed: {e}")
+            finally:
+                pipe.classifier = full_classifier
+            if cond is not None:
+                grid([to_pil(cond)]).save(out / "few_shot_samples.png")
+                k = int(labels.sum())
+                sections.append((f"Few-shot conditional samples: {attribute}", "few_shot_samples.png", f"A linear head fitted on {k} positive and {len(labels) - k} negative examples, then rejection sampling (paper §5.6)."))
+        else:
+            print("      (no labelled attribute in the samples' metadata: skipped)")
+    else:
+        print("      (the model has no latent DDIM: skipped)")
+
+    _write_index(out, sections, numbers, steps, time.time() - start)
+    (out / "metrics.json").write_text(json.dumps(numbers, indent=2))
+    for name, values in numbers.items():
+        ssim = "n/a" if values["ssim"] is None else f"{values['ssim']:.4f}"
+        print(f"  {name}: MSE {values['mse']:.5f}  PSNR {values['psnr']:.2f} dB  SSIM {ssim}")
+    print(f"done in {time.time() - start:.0f} s: open {out.resolve() / 'index.html'}")
+    return 0
+
+
+def _default_edit_attributes(classifier) -> List[str]:
+    preferred = ["dark_skin", "is_woman", "hair_blond", "is_older", "beard", "Smiling", "Male"]
+    names = [a for a in preferred if a in classifier.attribute_names]
+    return names[:3] or classifier.attribute_names[:2]
+
+
+def _write_index(out: Path, sections, numbers, steps, seconds) -> None:
+    rows = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{v['mse']:.5f}</td><td>{v['psnr']:.2f}</td>"
+        f"<td>{'n/a' if v['ssim'] is None else format(v['ssim'], '.4f')}</td></tr>"
+        for k, v in numbers.items()
+    )
+    body = "".join(
+        f"<h2>{html.escape(title)}</h2><p>{html.escape(caption)}</p><img src='{html.escape(name)}'>"
+        for title, name, caption in sections
+    )
+    (out / "index.html").write_text(
+        "<!doctype html><meta charset='utf-8'><title>DiffAE demo</title>"
+        "<style>body{font-family:sans-serif;max-width:60em;margin:auto}img{image-rendering:pixelated;max-width:100%}"
+        "td,th{padding:.2em .8em}</style>"
+        f"<h1>Diffusion Autoencoders demo</h1><p>DDIM steps T={steps}; made in {seconds:.0f} s.</p>"
+        f"<table><tr><th></th><th>MSE</th><th>PSNR (dB)</th><th>SSIM</th></tr>{rows}</table>{body}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# subcommands on the user's images
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_encode(args) -> int:
+    from safetensors.torch import save_file
+
+    pipe = load_pipeline(args.model)
+    latents = pipe.encode(load_images(args.images), num_inference_steps=args.steps)
+    save_file({"z_sem": latents.z_sem.contiguous(), "x_T": latents.x_T.contiguous()}, args.output)
+    print(f"wrote z_sem {tuple(latents.z_sem.shape)} and x_T {tuple(latents.x_T.shape)} to {args.output}")
+    return 0
+
+
+def run_decode(args) -> int:
+    from safetensors.torch import load_file
+
+    pipe = load_pipeline(args.model)
+    codes = load_file(args.codes)
+    x_T = None if args.random_xT else codes.get("x_T")
+    images = pipe.decode(codes["z_sem"], x_T, args.steps, generator=torch.Generator().manual_seed(args.seed)).images
+    return _save_all(images, args.output, "decoded")
+
+
+def run_reconstruct(args) -> int:
+    pipe = load_pipeline(args.model)
+    latents = pipe.encode(load_images(args.images), num_inference_steps=args.steps)
+    return _save_all(pipe.decode(latents.z_sem, latents.x_T, args.steps).images, args.output, "reconstruction")
+
+
+def run_interpolate(args) -> int:
+    if len(args.images) != 2:
+        raise SystemExit("error: interpolate takes exactly two --images")
+    pipe = load_pipeline(args.model)
+    a, b = load_images(args.images)
+    frames = pipe.interpolate(a, b, num_frames=args.frames, num_inference_steps=args.steps, encode_num_inference_steps=args.steps).images
+    return _save_all(frames, args.output, "frame")
+
+
+def run_edit(args) -> int:
+    pipe = load_pipeline(args.model)
+    latents = pipe.encode(load_images(args.images), num_inference_steps=args.steps)
+    for strength in args.strengths:
+        images = pipe.edit(latents, attribute=args.attribute, strength=strength, num_inference_steps=args.steps).images
+        _save_all(images, args.output, f"{args.attribute}_{strength:+.2f}")
+    return 0
+
+
+def run_sample(args) -> int:
+    pipe = load_pipeline(args.model)
+    images = pipe(
+        batch_size=args.num, num_inference_steps=args.steps, latent_num_inference_steps=args.steps,
+        attribute=args.attribute, generator=torch.Generator().manual_seed(args.seed),
+    ).images  # fmt: skip
+    return _save_all(images, args.output, "sample")
+
+
+def _save_all(images, output: str, stem: str) -> int:
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(out / f"{stem}_{i:03d}.png")
+    print(f"wrote {len(images)} images to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffae", description="Diffusion Autoencoders with diffusers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, help_text, func, images=False):
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(func=func)
+        p.add_argument("--model", default=None, help="pipeline folder or Hub repo id (default: bundled emoji model)")
+        p.add_argument("--steps", type=int, default=20, help="DDIM steps for encoding and decoding")
+        p.add_argument("--seed", type=int, default=0, help="random seed")
+        if images:
+            p.add_argument("--images", nargs="+", required=True, help="input image files")
+        return p
+
+    p = command("demo", "run the demo on the bundled model and images", run_demo)
+    p.add_argument("--output", default="demo_out", help="folder for the PNG grids and index.html")
+    p.add_argument("--samples", default=None, help="folder of PNGs (+ metadata.jsonl); default: bundled emoji")
+    p.add_argument("--num_images", type=int, default=48, help="how many sample images to use")
+    p.add_argument("--edit_attributes", nargs="*", default=None, help="classifier heads to edit along")
+    p.add_argument("--few_shot_attribute", default="is_woman", help="metadata column for the few-shot demo")
+    p = command("encode", "images -> z_sem and x_T (safetensors)", run_encode, images=True)
+    p.add_argument("--output", required=True, help="output .safetensors file")
+    p = command("decode", "codes (safetensors) -> images", run_decode)
+    p.add_argument("--codes", required=True, help="file written by `diffae encode`")
+    p.add_argument("--random-xT", dest="random_xT", action="store_true", help="ignore x_T: stochastic variations")
+    p.add_argument("--output", required=True)
+    p = command("reconstruct", "encode then decode images", run_reconstruct, images=True)
+    p.add_argument("--output", required=True)
+    p = command("interpolate", "interpolate between two images", run_interpolate, images=True)
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--output", required=True)
+    p = command("edit", "edit an attribute of images", run_edit, images=True)
+    p.add_argument("--attribute", required=True, help="a head of the pipeline's classifier")
+    p.add_argument("--strengths", type=float, nargs="+", default=[0.3])
+    p.add_argument("--output", required=True)
+    p = command("sample", "sample new images (optionally conditioned on an attribute)", run_sample)
+    p.add_argument("--num", type=int, default=8)
+    p.add_argument("--attribute", default=None)
+    p.add_argument("--output", required=True)
+    p = sub.add_parser("convert", help="convert an official checkpoint (see python -m diffusers_diffae.convert -h)")
+    p.set_defaults(func=None)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["convert"]:
+        from .convert import main as convert_main
+
+        return convert_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:  # pipeline input errors: one clear line instead of a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
