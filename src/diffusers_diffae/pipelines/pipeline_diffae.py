@@ -5,9 +5,12 @@ decoder §3.1 -> `decode`; interpolation §5.2 -> `interpolate`; attribute manip
 `edit`; latent DDIM sampling §4 and few-shot conditional sampling §5.6 -> `sample` / `__call__`.
 """
 
+import importlib
 import inspect
+import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -21,6 +24,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..hub_utils import DEFAULT_LICENSE, component_shims_status, upload_with_model_card, write_component_shims
 from ..models import AttributeClassifier, DiffAEUNet2DModel, LatentMLPDenoiser, SemanticEncoder
 
 ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, List[PIL.Image.Image], List[np.ndarray], List[torch.Tensor]]
@@ -153,27 +157,180 @@ class DiffAEPipeline(DiffusionPipeline):
             classifier=classifier,
         )
 
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], *args, **kwargs):
-        """Saves every component (safetensors) and writes the `diffae.py` community entry point beside them."""
-        super().save_pretrained(save_directory, *args, **kwargs)
+    def save_pretrained(
+        self,
+        save_directory: Union[str, os.PathLike],
+        safe_serialization: bool = True,
+        variant: Optional[str] = None,
+        max_shard_size: Optional[Union[int, str]] = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ):
+        """
+        Saves every component (safetensors) and the files that let plain diffusers load the folder.
+
+        The models keep their z_sem statistics in their state dicts and the classifier its attribute names and
+        types in its config, so all of them round-trip. Beside `model_index.json` and the component folders this
+        writes `diffae.py` (the community entry point: `custom_pipeline="diffae"`) and, for each DiffAE component,
+        `<component>/<module>.py`, a one-line re-export that diffusers requires of third-party components in a Hub
+        repo (huggingface/diffusers#6563).
+
+        Args:
+            save_directory (`str` or `os.PathLike`): the folder (created if missing).
+            safe_serialization (`bool`): safetensors (default) or pickle weights.
+            variant (`str`, *optional*): weights variant, e.g. "fp16".
+            max_shard_size (`int` or `str`, *optional*): shard large weights.
+            push_to_hub (`bool`): also upload the folder, with the DiffAE model card, to the Hub repo `repo_id`
+                (default: the folder name); `commit_message`, `private`, `token` and `create_pr` are read from
+                `kwargs` as diffusers does.
+        """
+        hub_keys = ("repo_id", "commit_message", "private", "token", "create_pr")
+        hub_kwargs = {key: kwargs.pop(key) for key in hub_keys if key in kwargs}
+        super().save_pretrained(
+            save_directory,
+            safe_serialization=safe_serialization,
+            variant=variant,
+            max_shard_size=max_shard_size,
+            **kwargs,
+        )
         with open(os.path.join(save_directory, "diffae.py"), "w", encoding="utf-8") as f:
             f.write(COMMUNITY_PIPELINE_SOURCE)
+        write_component_shims(save_directory)
+        if push_to_hub:
+            repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(str(save_directory))))
+            upload_with_model_card(self, save_directory, repo_id, **hub_kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: Optional[str] = None,
+        private: Optional[bool] = None,
+        token: Optional[Union[str, bool]] = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: Optional[str] = None,
+        subfolder: Optional[str] = None,
+        model_card=None,
+        license: str = DEFAULT_LICENSE,
+        tags: Optional[List[str]] = None,
+        model_description: Optional[str] = None,
+    ):
+        """
+        Uploads the pipeline, as `save_pretrained` writes it, and its model card to a Hub repository.
+
+        Args:
+            repo_id (`str`): `namespace/name`, or `name` for your own namespace; created if missing.
+            commit_message (`str`, *optional*): defaults to "Upload DiffAEPipeline".
+            private (`bool`, *optional*): visibility of a newly created repository.
+            token (`str`, *optional*): Hub token (defaults to the stored login).
+            create_pr (`bool`): open a pull request instead of committing to `main`.
+            safe_serialization (`bool`), variant (`str`, *optional*): as in `save_pretrained`.
+            subfolder (`str`, *optional*): upload into this folder of the repository (the card is left alone).
+            model_card (`huggingface_hub.ModelCard`, *optional*): a prepared card instead of the generated one.
+            license (`str`), tags (`List[str]`), model_description (`str`): passed to
+                [`~diffusers_diffae.hub_utils.create_model_card`]; an existing card in the repository is kept and
+                only its missing metadata is filled in.
+
+        Returns:
+            `huggingface_hub.CommitInfo` of the upload.
+        """
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
+            return upload_with_model_card(
+                self,
+                folder,
+                repo_id,
+                commit_message=commit_message,
+                private=private,
+                token=token,
+                create_pr=create_pr,
+                subfolder=subfolder,
+                model_card=model_card,
+                license=license,
+                tags=tags,
+                model_description=model_description,
+            )
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Loads a saved pipeline folder or a Hub repo id.
-
-        diffusers cannot resolve third-party component classes when it lists a Hub repo
-        (huggingface/diffusers#6563), so a repo id is first downloaded with `snapshot_download` and then loaded as
-        a folder.
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs):
         """
-        path = pretrained_model_name_or_path
-        if not os.path.isdir(str(path)):
-            from huggingface_hub import snapshot_download
+        Loads a pipeline saved with `save_pretrained`, from a folder or a Hub repo id (`namespace/name`).
 
-            hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
-            path = snapshot_download(str(path), **hub_kwargs)
-        return super().from_pretrained(path, **kwargs)
+        diffusers cannot resolve third-party component classes when it lists a Hub repo itself
+        (huggingface/diffusers#6563), so a repo id is first downloaded with `huggingface_hub.snapshot_download`
+        (`revision`, `token`, `cache_dir`, `local_files_only` and `force_download` apply; offline, the cached
+        snapshot is used) and then loaded as a folder. Every other argument goes to
+        `DiffusionPipeline.from_pretrained` (`dtype`, `variant`, components to replace, ...).
+
+        diffusers would run the loader shims `<component>/<module>.py` that `save_pretrained` writes, and only with
+        `trust_remote_code=True`. When every such file is byte for byte one of our shims, this method loads those
+        components itself with their `from_pretrained` (no code from the folder runs, nothing is written to
+        `HF_MODULES_CACHE`, `DIFFUSERS_DISABLE_REMOTE_CODE` does not matter). Options only diffusers' own loader
+        handles (`device_map`, `max_memory`, `offload_*`, `quantization_config`, `use_flashpack`) let diffusers run
+        the verified shims instead, which is the same as importing this package. Any other code in the folder
+        still needs the caller's `trust_remote_code=True`.
+        """
+        from diffusers.utils import dynamic_modules_utils
+        from huggingface_hub import snapshot_download
+
+        name = os.fspath(pretrained_model_name_or_path)
+        path = name
+        if not os.path.isdir(name):
+            if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name):
+                raise ValueError(f"{name!r} is neither a folder nor a Hub repo id of the form 'namespace/name'")
+            hub_keys = ("revision", "token", "cache_dir", "local_files_only", "force_download")
+            path = snapshot_download(name, **{key: kwargs.pop(key) for key in hub_keys if kwargs.get(key) is not None})
+
+        trusted = kwargs.get("trust_remote_code")
+        if component_shims_status(path) and kwargs.get("custom_pipeline") is None and not trusted:
+            # Options that only diffusers' own component loader implements.
+            loader_options = ("device_map", "max_memory", "offload_folder", "offload_state_dict")
+            loader_options += ("quantization_config", "use_flashpack")
+            diffusers_only = sorted(key for key in loader_options if kwargs.get(key))
+            if not diffusers_only:
+                kwargs.pop("trust_remote_code", None)
+                cls._load_shimmed_components(path, kwargs)
+            elif trusted is False or dynamic_modules_utils.DIFFUSERS_DISABLE_REMOTE_CODE:
+                raise ValueError(
+                    f"{', '.join(diffusers_only)} need diffusers' own component loading, which runs the loader shims "
+                    f"in {path} (they only import diffusers_diffae); allow them with trust_remote_code=True, or load "
+                    "without these options"
+                )
+            else:
+                kwargs["trust_remote_code"] = True  # runs exactly our verified shims, see the docstring
+        pipe = super().from_pretrained(path, **kwargs)
+        if path != name:
+            pipe.register_to_config(_name_or_path=name)  # the repo id, not the snapshot folder
+        return pipe
+
+    @staticmethod
+    def _load_shimmed_components(folder: str, kwargs: Dict) -> None:
+        """Loads the components that have a loader shim with their own `from_pretrained`, into `kwargs`."""
+        from diffusers import ModelMixin
+
+        with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
+            model_index = json.load(f)
+        # Forward the dtype under the name the caller used: `torch_dtype` (older diffusers) or `dtype`.
+        dtype_key = "torch_dtype" if kwargs.get("torch_dtype") is not None else "dtype"
+        dtype = kwargs.get(dtype_key)
+        load_keys = ("variant", "use_safetensors", "low_cpu_mem_usage", "disable_mmap")
+        load_kwargs = {key: kwargs[key] for key in load_keys if key in kwargs}
+        for name, entry in model_index.items():
+            if name.startswith("_") or not isinstance(entry, list) or entry[0] is None or name in kwargs:
+                continue
+            module, class_name = entry
+            if not os.path.isfile(os.path.join(folder, name, f"{module}.py")):
+                continue
+            # component_shims_status checked that `module` is a module of this package.
+            model_cls = getattr(importlib.import_module(module), class_name, None)
+            if not (isinstance(model_cls, type) and issubclass(model_cls, ModelMixin)):
+                raise ValueError(f"{name}: {module}.{class_name} in model_index.json is not a diffusers_diffae model")
+            component_dtype = dtype.get(name, dtype.get("default")) if isinstance(dtype, dict) else dtype
+            if component_dtype is not None:
+                load_kwargs[dtype_key] = component_dtype
+            else:
+                load_kwargs.pop(dtype_key, None)
+            kwargs[name] = model_cls.from_pretrained(folder, subfolder=name, **load_kwargs)
 
     # ------------------------------------------------------------------------------------------------------------
     # Input handling

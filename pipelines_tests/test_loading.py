@@ -1,0 +1,249 @@
+"""Saving and loading `DiffAEPipeline`: folders, `custom_pipeline`, scheduler swaps, loader shims (offline)."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from diffusers import (
+    DDIMInverseScheduler,
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.utils import dynamic_modules_utils
+
+from diffusers_diffae import (
+    AttributeClassifier,
+    DiffAEPipeline,
+    DiffAEUNet2DModel,
+    LatentMLPDenoiser,
+    SemanticEncoder,
+)
+from diffusers_diffae.hub_utils import component_shim_source, component_shims_status
+from diffusers_diffae.presets import _ddim_config
+
+MODEL_COMPONENTS = ("unet", "encoder", "latent_denoiser", "classifier")
+SCHEDULER_COMPONENTS = ("scheduler", "inverse_scheduler", "latent_scheduler")
+
+
+def make_tiny_pipeline(seed: int = 0) -> DiffAEPipeline:
+    """A 16x16 DiffAE pipeline with every optional component, random weights and non-trivial statistics."""
+    torch.manual_seed(seed)
+    unet = DiffAEUNet2DModel(
+        sample_size=16, model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
+        embed_channels=32, z_sem_channels=16, zero_init=False,  # zero-initialised outputs would hide the weights
+    )  # fmt: skip
+    encoder = SemanticEncoder(
+        sample_size=16, model_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
+        out_channels=16,
+    )  # fmt: skip
+    latent = LatentMLPDenoiser(num_channels=16, hidden_channels=32, num_layers=3)
+    classifier = AttributeClassifier(
+        num_channels=16,
+        attribute_names=["a", "b"],
+        attribute_types=["binary", "continuous"],
+        target_logits=[1.5, None],
+    )
+    for model in (encoder, latent, classifier):
+        model.set_z_sem_statistics(torch.randn(16), torch.rand(16) + 0.5)
+    for model in (unet, encoder, latent, classifier):
+        model.eval()  # as from_pretrained leaves them: the UNet's dropout would make outputs differ
+    configs = {
+        "scheduler": _ddim_config(1000, "linear", True),
+        "latent_scheduler": _ddim_config(1000, "const0.008", False),
+    }
+    pipe = DiffAEPipeline.from_official_configs(
+        configs, unet=unet, encoder=encoder, latent_denoiser=latent, classifier=classifier
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def fixed_codes(seed: int = 1, batch_size: int = 2):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch_size, 16, generator=generator), torch.randn(batch_size, 3, 16, 16, generator=generator)
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb)
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype, key
+        assert torch.equal(sa[key], sb[key]), f"{key} differs after loading"
+
+
+def plain_config(scheduler) -> dict:
+    return {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    return make_tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def saved_dir(tiny_pipe, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("diffae-pipeline")
+    tiny_pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _modules_cache(tmp_path, monkeypatch):
+    # diffusers copies executed loader files into HF_MODULES_CACHE; keep them out of the user's cache.
+    monkeypatch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+
+
+def test_save_load_round_trip_keeps_everything(tiny_pipe, saved_dir):
+    loaded = DiffAEPipeline.from_pretrained(saved_dir)
+    assert type(loaded) is DiffAEPipeline
+    assert loaded.name_or_path == str(saved_dir)
+    for name in MODEL_COMPONENTS:
+        assert type(getattr(loaded, name)) is type(getattr(tiny_pipe, name))
+        assert_same_weights(getattr(tiny_pipe, name), getattr(loaded, name))
+    for name in ("encoder", "latent_denoiser", "classifier"):
+        assert torch.equal(getattr(loaded, name).z_sem_mean, getattr(tiny_pipe, name).z_sem_mean)
+        assert torch.equal(getattr(loaded, name).z_sem_std, getattr(tiny_pipe, name).z_sem_std)
+        assert not torch.equal(getattr(loaded, name).z_sem_std, torch.ones(16))  # the statistics are not defaults
+    assert loaded.classifier.attribute_names == ["a", "b"]
+    assert loaded.classifier.attribute_type("b") == "continuous"
+    assert list(loaded.classifier.config.target_logits) == [1.5, None]
+    for name in SCHEDULER_COMPONENTS:
+        assert type(getattr(loaded, name)) is type(getattr(tiny_pipe, name))
+        assert plain_config(getattr(loaded, name)) == plain_config(getattr(tiny_pipe, name))
+    assert isinstance(loaded.inverse_scheduler, DDIMInverseScheduler)
+
+    z_sem, x_T = fixed_codes()
+    before = tiny_pipe.decode(z_sem, x_T, num_inference_steps=3, output_type="pt").images
+    after = loaded.decode(z_sem, x_T, num_inference_steps=3, output_type="pt").images
+    assert before.std() > 0
+    assert torch.equal(before, after)
+
+
+def test_save_writes_community_file_and_verified_shims(saved_dir):
+    with open(saved_dir / "diffae.py", encoding="utf-8") as f:
+        assert "from diffusers_diffae import DiffAEPipeline" in f.read()
+    config = DiffAEPipeline.load_config(saved_dir)
+    assert config["_class_name"] == "DiffAEPipeline"  # a string keeps DiffAEPipeline.from_pretrained trust-free
+    for name in MODEL_COMPONENTS:
+        module, class_name = config[name]
+        with open(saved_dir / name / f"{module}.py", encoding="utf-8") as f:
+            assert f.read() == component_shim_source(module, class_name)
+    for name in SCHEDULER_COMPONENTS:
+        assert not [p for p in os.listdir(saved_dir / name) if p.endswith(".py")]
+    assert component_shims_status(saved_dir) is True
+
+
+def test_optional_components_absent_round_trip(tmp_path):
+    full = make_tiny_pipeline()
+    pipe = DiffAEPipeline(
+        unet=full.unet, encoder=full.encoder, scheduler=full.scheduler, inverse_scheduler=full.inverse_scheduler
+    )
+    pipe.save_pretrained(tmp_path)
+    assert not (tmp_path / "classifier").exists()
+    loaded = DiffAEPipeline.from_pretrained(tmp_path)
+    assert loaded.latent_denoiser is None and loaded.latent_scheduler is None and loaded.classifier is None
+    assert_same_weights(pipe.unet, loaded.unet)
+
+
+def test_diffusion_pipeline_custom_pipeline_returns_installed_class(tiny_pipe, saved_dir):
+    for spelling in ("diffae", str(saved_dir / "diffae.py")):
+        loaded = DiffusionPipeline.from_pretrained(saved_dir, custom_pipeline=spelling, trust_remote_code=True)
+        assert type(loaded) is DiffAEPipeline, spelling  # the installed class, not an executed copy
+        for name in MODEL_COMPONENTS:
+            assert type(getattr(loaded, name)) is type(getattr(tiny_pipe, name))
+            assert_same_weights(getattr(tiny_pipe, name), getattr(loaded, name))
+
+
+def test_custom_pipeline_without_trust_is_refused(saved_dir):
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        DiffusionPipeline.from_pretrained(saved_dir, custom_pipeline="diffae")
+
+
+@pytest.mark.parametrize(
+    "scheduler_cls", [DPMSolverMultistepScheduler, UniPCMultistepScheduler, EulerDiscreteScheduler, DDPMScheduler]
+)
+def test_swapped_scheduler_survives_save_and_load(scheduler_cls, tmp_path):
+    pipe = make_tiny_pipeline()
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path)
+    assert DiffAEPipeline.load_config(tmp_path)["scheduler"] == ["diffusers", scheduler_cls.__name__]
+    loaded = DiffAEPipeline.from_pretrained(tmp_path)
+    assert type(loaded.scheduler) is scheduler_cls
+    assert plain_config(loaded.scheduler) == plain_config(pipe.scheduler)
+    assert type(loaded.inverse_scheduler) is DDIMInverseScheduler  # the encoder keeps its own scheduler
+    z_sem, x_T = fixed_codes()
+    generator = torch.Generator().manual_seed(0)  # DDPM draws noise in every step
+    before = pipe.decode(z_sem, x_T, num_inference_steps=2, generator=generator, output_type="pt").images
+    generator = torch.Generator().manual_seed(0)
+    after = loaded.decode(z_sem, x_T, num_inference_steps=2, generator=generator, output_type="pt").images
+    assert torch.equal(before, after)
+
+
+def test_scheduler_passed_to_from_pretrained_replaces_saved_one(saved_dir):
+    ddim = DDIMScheduler.from_pretrained(saved_dir, subfolder="scheduler")
+    loaded = DiffAEPipeline.from_pretrained(saved_dir, scheduler=UniPCMultistepScheduler.from_config(ddim.config))
+    assert type(loaded.scheduler) is UniPCMultistepScheduler
+
+
+def test_variant_and_dtype(tiny_pipe, tmp_path):
+    tiny_pipe.save_pretrained(tmp_path, variant="fp16")
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert component_shims_status(tmp_path) is True
+    loaded = DiffAEPipeline.from_pretrained(tmp_path, variant="fp16", dtype=torch.float16)
+    assert loaded.unet.dtype == torch.float16 and loaded.classifier.dtype == torch.float16
+    assert torch.equal(loaded.unet.conv_in.weight, tiny_pipe.unet.conv_in.weight.half())
+
+
+def test_tampered_shim_needs_trust(tiny_pipe, tmp_path):
+    tiny_pipe.save_pretrained(tmp_path)
+    module = DiffAEPipeline.load_config(tmp_path)["unet"][0]
+    with open(tmp_path / "unet" / f"{module}.py", "a", encoding="utf-8") as f:
+        f.write("print('not ours')\n")
+    assert component_shims_status(tmp_path) is False
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        DiffAEPipeline.from_pretrained(tmp_path)
+    loaded = DiffAEPipeline.from_pretrained(tmp_path, trust_remote_code=True)  # the caller vouches for it
+    assert_same_weights(tiny_pipe.unet, loaded.unet)
+
+
+def test_shim_check_rejects_names_that_inject_code(saved_dir, tmp_path):
+    folder = tmp_path / "pipeline"
+    shutil.copytree(saved_dir, folder)
+    config = json.loads((folder / "model_index.json").read_text())
+    module, class_name = "diffusers_diffae.models.unet_diffae import DiffAEUNet2DModel\nimport os #", "X"
+    config["unet"] = [module, class_name]
+    (folder / "model_index.json").write_text(json.dumps(config))
+    (folder / "unet" / f"{module}.py").write_text(component_shim_source(module, class_name))
+    assert component_shims_status(folder) is False
+
+
+def test_verified_shims_are_not_executed(tiny_pipe, saved_dir, tmp_path, monkeypatch):
+    # By default the shimmed components are loaded with their own from_pretrained: no folder code runs.
+    loaded = DiffAEPipeline.from_pretrained(saved_dir, dtype={"unet": torch.float16, "default": torch.float32})
+    assert not (tmp_path / "modules").exists()  # diffusers copies every executed file there
+    assert loaded.unet.dtype == torch.float16 and loaded.encoder.dtype == torch.float32
+    for name in MODEL_COMPONENTS:
+        assert type(getattr(loaded, name)) is type(getattr(tiny_pipe, name))
+    assert_same_weights(tiny_pipe.classifier, loaded.classifier)
+    monkeypatch.setattr(dynamic_modules_utils, "DIFFUSERS_DISABLE_REMOTE_CODE", True)
+    assert_same_weights(tiny_pipe.encoder, DiffAEPipeline.from_pretrained(saved_dir).encoder)
+
+
+def test_diffusers_only_options_run_the_verified_shims(tiny_pipe, saved_dir, tmp_path):
+    with pytest.raises(ValueError, match="device_map"):
+        DiffAEPipeline.from_pretrained(saved_dir, device_map="cpu", trust_remote_code=False)
+    loaded = DiffAEPipeline.from_pretrained(saved_dir, device_map="cpu")
+    assert_same_weights(tiny_pipe.unet, loaded.unet)
+    executed = os.listdir(tmp_path / "modules" / "diffusers_modules" / "local")
+    assert "diffusers_diffae.models.unet_diffae.py" in executed
+
+
+def test_bad_location_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="neither a folder nor a Hub repo id"):
+        DiffAEPipeline.from_pretrained(str(tmp_path / "missing" / "pipeline"))
