@@ -27,6 +27,7 @@ import copy
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -499,7 +500,7 @@ def report(results: Dict) -> str:
     lines = [
         "# Speed benchmarks",
         "",
-        f"Measured by `python benchmarks/bench_speed.py{' --compile' if results['compile'] else ''}` on {results['date']} "
+        f"Measured by `{results.get('command', 'python benchmarks/bench_speed.py')}` on {results['date']} "
         f"in {results['runtime_s']:.0f} s.",
         "",
         "## Machine",
@@ -645,6 +646,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        # A fresh cache, so that the reported compile times are what a first run costs (a warm cache hides them).
+        import tempfile
+
+        fresh_cache = tempfile.mkdtemp(prefix="bench-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = fresh_cache
+    else:
+        fresh_cache = None
     started = time.time()
 
     def log(message: str) -> None:
@@ -653,6 +662,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     results = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "compile": args.compile,
+        "command": " ".join(["python benchmarks/bench_speed.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(),
         "native_bf16": native_bf16(args.device),
     }
@@ -682,6 +692,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     results["matmul_peak"]["fp32"]["best_at_start_and_end"] = [start_best, end_best]
     results["runtime_s"] = time.time() - started
     results["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if fresh_cache is not None:
+        shutil.rmtree(fresh_cache, ignore_errors=True)
     text = report(results)
     print(text)
     os.makedirs(args.output, exist_ok=True)

@@ -10,7 +10,6 @@ import inspect
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -24,7 +23,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..hub_utils import DEFAULT_LICENSE, component_shims_status, upload_with_model_card, write_component_shims
+from ..hub_utils import DiffAEModelHubMixin, component_shims_status, upload_with_model_card, write_component_shims
 from ..models import AttributeClassifier, DiffAEUNet2DModel, LatentMLPDenoiser, SemanticEncoder
 
 ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, List[PIL.Image.Image], List[np.ndarray], List[torch.Tensor]]
@@ -200,56 +199,8 @@ class DiffAEPipeline(DiffusionPipeline):
             repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(str(save_directory))))
             upload_with_model_card(self, save_directory, repo_id, **hub_kwargs)
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        commit_message: Optional[str] = None,
-        private: Optional[bool] = None,
-        token: Optional[Union[str, bool]] = None,
-        create_pr: bool = False,
-        safe_serialization: bool = True,
-        variant: Optional[str] = None,
-        subfolder: Optional[str] = None,
-        model_card=None,
-        license: str = DEFAULT_LICENSE,
-        tags: Optional[List[str]] = None,
-        model_description: Optional[str] = None,
-    ):
-        """
-        Uploads the pipeline, as `save_pretrained` writes it, and its model card to a Hub repository.
-
-        Args:
-            repo_id (`str`): `namespace/name`, or `name` for your own namespace; created if missing.
-            commit_message (`str`, *optional*): defaults to "Upload DiffAEPipeline".
-            private (`bool`, *optional*): visibility of a newly created repository.
-            token (`str`, *optional*): Hub token (defaults to the stored login).
-            create_pr (`bool`): open a pull request instead of committing to `main`.
-            safe_serialization (`bool`), variant (`str`, *optional*): as in `save_pretrained`.
-            subfolder (`str`, *optional*): upload into this folder of the repository (the card is left alone).
-            model_card (`huggingface_hub.ModelCard`, *optional*): a prepared card instead of the generated one.
-            license (`str`), tags (`List[str]`), model_description (`str`): passed to
-                [`~diffusers_diffae.hub_utils.create_model_card`]; an existing card in the repository is kept and
-                only its missing metadata is filled in.
-
-        Returns:
-            `huggingface_hub.CommitInfo` of the upload.
-        """
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
-            return upload_with_model_card(
-                self,
-                folder,
-                repo_id,
-                commit_message=commit_message,
-                private=private,
-                token=token,
-                create_pr=create_pr,
-                subfolder=subfolder,
-                model_card=model_card,
-                license=license,
-                tags=tags,
-                model_description=model_description,
-            )
+    # Same upload as the models': save_pretrained into a temporary folder, then one commit with the DiffAE card.
+    push_to_hub = DiffAEModelHubMixin.push_to_hub
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs):
