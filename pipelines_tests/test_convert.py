@@ -236,3 +236,36 @@ def test_bad_files_and_configs_are_clear_errors(tmp_path, official_dir):
         official_component_configs({"model_name": {"__enum__": "ModelName", "value": "beatgans_ddpm"}})
     with pytest.raises(ValueError, match="inconsistent official config"):
         official_component_configs({"style_ch": 256})
+
+
+def test_official_classifier_checkpoint_converts_into_the_pipeline(tmp_path, official_dir):
+    from diffusers_diffae import CELEBAHQ_ATTRIBUTES
+    from diffusers_diffae.convert import convert_official_classifier
+
+    generator = torch.Generator().manual_seed(0)
+    mean, std = torch.randn(1, 64, generator=generator), torch.rand(1, 64, generator=generator) + 0.5
+    weight, bias = torch.randn(40, 64, generator=generator), torch.randn(40, generator=generator)
+    state = {"conds_mean": mean, "conds_std": std, "classifier.weight": weight, "classifier.bias": bias,
+             "ema_classifier.weight": weight + 1, "ema_classifier.bias": bias + 1}  # fmt: skip
+    cls_path = tmp_path / "cls.ckpt"
+    torch.save({"state_dict": state, "global_step": 9}, cls_path)
+
+    classifier = convert_official_classifier(cls_path)
+    assert classifier.attribute_names == CELEBAHQ_ATTRIBUTES and classifier.attribute_index("Smiling") == 31
+    z_sem = torch.randn(3, 64, generator=generator)
+    expected = ((z_sem - mean) / std) @ weight.T + bias  # the official ClsModel on normalised z_sem
+    torch.testing.assert_close(classifier(z_sem).logits, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(convert_official_classifier(cls_path, use_ema=True).linear.bias, bias + 1)
+
+    out = tmp_path / "with_cls"
+    assert main(["--checkpoint", str(official_dir / "last.ckpt"), "--config", str(official_dir / "config.json"),
+                 "--output", str(out), "--classifier", str(cls_path)]) == 0  # fmt: skip
+    loaded = DiffAEPipeline.from_pretrained(out)
+    torch.testing.assert_close(loaded.classifier(z_sem).logits, expected, atol=1e-5, rtol=1e-5)
+
+    torch.save({"state_dict": dict(state, surprise=torch.zeros(1))}, tmp_path / "bad.ckpt")
+    with pytest.raises(ValueError, match="unknown key.*surprise"):
+        convert_official_classifier(tmp_path / "bad.ckpt")
+    torch.save({"state_dict": {k: v for k, v in state.items() if not k.startswith("conds")}}, tmp_path / "nostats.ckpt")
+    with pytest.raises(ValueError, match="no conds_mean"):
+        convert_official_classifier(tmp_path / "nostats.ckpt")

@@ -21,7 +21,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
-from .models import DiffAEUNet2DModel, LatentMLPDenoiser, SemanticEncoder
+from .models import CELEBAHQ_ATTRIBUTES, AttributeClassifier, DiffAEUNet2DModel, LatentMLPDenoiser, SemanticEncoder
 from .presets import official_component_configs
 
 PathLike = Union[str, os.PathLike]
@@ -359,12 +359,43 @@ def convert_official_state_dict(state: Dict[str, torch.Tensor], configs: dict, u
     return result
 
 
+def convert_official_classifier(checkpoint: PathLike, use_ema: bool = False) -> AttributeClassifier:
+    """Converts an official `*_cls` checkpoint (`ClsModel`: a linear head on normalised z_sem) to an
+    [`AttributeClassifier`] with the 40 CelebA-HQ attribute names and the stored z_sem statistics.
+
+    The official demos use the raw `classifier.*` weights, so `use_ema=False` is the default; `use_ema=True` takes
+    `ema_classifier.*`. A classifier with a number of outputs other than 40 gets the names `attribute_<i>`.
+    """
+    state = load_official_file(checkpoint)
+    state = state.get("state_dict", state)
+    prefix = "ema_classifier." if use_ema else "classifier."
+    known = {"x_T", "conds_mean", "conds_std", "classifier.weight", "classifier.bias", "ema_classifier.weight", "ema_classifier.bias"}
+    unknown = sorted(k for k in state if k not in known)
+    if unknown:
+        raise ValueError(f"unknown key(s) in the classifier checkpoint: {unknown[:5]}")
+    if f"{prefix}weight" not in state or f"{prefix}bias" not in state:
+        raise ValueError(f"{checkpoint} has no '{prefix}weight' / '{prefix}bias'; not an official *_cls checkpoint")
+    stats = _statistics(state, str(checkpoint))
+    if stats is None:
+        raise ValueError(f"{checkpoint} has no conds_mean / conds_std; an official *_cls checkpoint stores them")
+    weight, bias = state[f"{prefix}weight"].float(), state[f"{prefix}bias"].float()
+    if weight.ndim != 2 or bias.shape != (weight.shape[0],):
+        raise ValueError(f"classifier weights have unexpected shapes {tuple(weight.shape)} / {tuple(bias.shape)}")
+    count = weight.shape[0]
+    names = list(CELEBAHQ_ATTRIBUTES) if count == len(CELEBAHQ_ATTRIBUTES) else [f"attribute_{i}" for i in range(count)]
+    classifier = AttributeClassifier(num_channels=weight.shape[1], attribute_names=names)
+    classifier.linear.load_state_dict({"weight": weight, "bias": bias})
+    classifier.set_z_sem_statistics(*stats)
+    return classifier.eval()
+
+
 def convert_official_checkpoint(
     checkpoint: PathLike,
     config: Union[str, PathLike, dict],
     output_dir: Optional[PathLike] = None,
     use_ema: bool = True,
     latent_stats: Optional[PathLike] = None,
+    classifier: Optional[PathLike] = None,
 ):
     """Converts an official DiffAE checkpoint into a [`DiffAEPipeline`].
 
@@ -376,6 +407,7 @@ def convert_official_checkpoint(
         output_dir: if given, the pipeline is saved there (safetensors) with `save_pretrained`.
         use_ema: convert the EMA weights (`ema_model.*`, what every official demo uses) or the raw ones (`model.*`).
         latent_stats: an official `latent.pkl` (`conds_mean`, `conds_std`): the z_sem statistics.
+        classifier: an official `*_cls` checkpoint, added as the `classifier` component.
 
     Returns:
         The converted `DiffAEPipeline`, in eval mode.
@@ -417,6 +449,10 @@ def convert_official_checkpoint(
             model.set_z_sem_statistics(*stats)
         model.eval()  # like from_pretrained: inference mode (dropout off)
 
+    if classifier is not None:
+        models["classifier"] = convert_official_classifier(classifier)
+        if models["classifier"].config.num_channels != configs["encoder"]["out_channels"]:
+            raise ValueError("the classifier's z_sem width does not match the encoder's")
     pipe = DiffAEPipeline.from_official_configs(configs, **models)
     if output_dir is not None:
         pipe.save_pretrained(output_dir)
@@ -432,10 +468,12 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     parser.add_argument("--output", required=True, help="output folder for the diffusers pipeline")
     parser.add_argument("--no-ema", action="store_true", help="convert the raw weights instead of the EMA weights")
     parser.add_argument("--latent-stats", default=None, help="official latent.pkl with conds_mean / conds_std")
+    parser.add_argument("--classifier", default=None, help="official *_cls checkpoint (attribute heads) to include")
     args = parser.parse_args(None if argv is None else list(argv))
     try:
         convert_official_checkpoint(
-            args.checkpoint, args.config, args.output, use_ema=not args.no_ema, latent_stats=args.latent_stats
+            args.checkpoint, args.config, args.output, use_ema=not args.no_ema, latent_stats=args.latent_stats,
+            classifier=args.classifier,
         )
     except (ValueError, FileNotFoundError, pickle.UnpicklingError) as e:
         print(f"error: {e}", file=sys.stderr)
