@@ -347,7 +347,7 @@ class Evaluation:
         return {
             "num_images": int(self.data.images.shape[0]),
             "protocol": "x_T from DDIM inversion with the same T as decoding (official inv<T>); random x_T drawn once "
-            f"per image and shared by every T; images in [0, 1]; SSIM with a {self.ssim_window}x{self.ssim_window} "
+            f"per image and shared by every T; images in [0, 1]; SSIM with an {self.ssim_window}x{self.ssim_window} "
             "Gaussian window (pytorch-msssim; 11 unless the images are smaller)",
             "lpips": "computed" if self.lpips is not None else self.lpips_reason,
             "baseline": "evaluated" if self.baseline is not None else "skipped: no --baseline given",
