@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMInverseScheduler, DDIMScheduler
+from tiny import ENCODER, UNET, Z
 
 from diffusers_diffae import AttributeClassifier, DiffAEPipeline, DiffAEUNet2DModel, LatentMLPDenoiser, SemanticEncoder
 from diffusers_diffae.evaluation import fid, metrics
@@ -194,33 +195,15 @@ def test_nvidia_resize_keeps_flat_images_and_inception_features():
 # Tiny models for the loops and the command
 # ---------------------------------------------------------------------------------------------------------------
 
-Z = 16
-
-
 def _unet(z_sem_channels):
-    return DiffAEUNet2DModel(
-        sample_size=16,
-        model_channels=8,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(8,),
-        embed_channels=32,
-        z_sem_channels=z_sem_channels,
-        zero_init=False,  # random non-zero outputs so that the loops do something
-    ).eval()
+    # random non-zero outputs (zero_init=False) so that the loops do something
+    return DiffAEUNet2DModel(**{**UNET, "z_sem_channels": z_sem_channels, "zero_init": False}).eval()
 
 
 def _pipeline():
     torch.manual_seed(0)
     config = _ddim_config(1000, "linear", clip_sample=True)
-    encoder = SemanticEncoder(
-        sample_size=16,
-        model_channels=8,
-        channel_mult=(1, 2, 2),
-        num_res_blocks=1,
-        attention_resolutions=(8,),
-        out_channels=Z,
-    )
+    encoder = SemanticEncoder(**ENCODER)
     classifier = AttributeClassifier(
         num_channels=Z, attribute_names=["red", "bright"], attribute_types=["binary", "binary"]
     )
