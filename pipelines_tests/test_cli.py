@@ -86,6 +86,13 @@ def test_module_entry_point_help():
     assert proc.returncode == 0 and "demo" in proc.stdout
 
 
+def test_evaluate_and_convert_subcommands_delegate(capsys):
+    for command, flag in (("evaluate", "--pipeline"), ("convert", "--config")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0 and flag in capsys.readouterr().out
+
+
 def test_few_shot_head_separates_labelled_codes():
     generator = torch.Generator().manual_seed(0)
     z = torch.randn(20, 8, generator=generator)

@@ -16,7 +16,7 @@ from diffusers import (
 )
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from safetensors.torch import load_file
-from tiny import Z, official_schedulers, tiny_encoder, tiny_pipeline
+from tiny import Z, official_schedulers, tiny_encoder, tiny_pipeline, tiny_unet
 
 from diffusers_diffae import DiffAELatents, DiffAEPipeline
 from diffusers_diffae.convert import convert_official_checkpoint
@@ -73,6 +73,41 @@ def test_decode_random_noise_and_latent_sampling_match_official(official):
         z_noise=outputs["latent.sample.noise"], x_T=outputs["latent.sample.xT"], output_type="pt",
     ).images  # fmt: skip
     torch.testing.assert_close(image * 2 - 1, outputs["latent.sample.image"], atol=5e-3, rtol=0)
+
+
+def test_fast_default_layout_stays_within_fp32_tolerance(official):
+    """channels_last (the pipeline default from 64 px up) vs the official contiguous layout: the same fp32 maths,
+    summed in another order. Bounds: z_sem 1e-5, x_T 5e-4, decoded pixels (range 2) 1e-3 max / 1e-4 mean
+    (measured on this fixture: 6e-5 and 2.2e-4 / 1.4e-5, docs/results/speed.md)."""
+    pipe, inputs, _ = official
+    assert pipe.resolution < 64  # the 32 px fixture keeps the official layout by default
+    weights = [p for p in list(pipe.unet.parameters()) + list(pipe.encoder.parameters()) if p.ndim == 4]
+    assert weights and all(w.is_contiguous() for w in weights)
+    big = DiffAEPipeline(tiny_unet(sample_size=64), tiny_encoder(sample_size=64), *official_schedulers()[:2])
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in big.unet.parameters() if p.ndim == 4)
+
+    def run():
+        latents = pipe.encode((inputs["x0"] + 1) / 2, num_inference_steps=10)
+        image = pipe.decode(latents.z_sem, latents.x_T, num_inference_steps=10, output_type="pt").images
+        return latents, image * 2 - 1
+
+    ref_latents, ref_image = run()
+    try:
+        pipe.set_memory_format(torch.channels_last)
+        assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+        fast_latents, fast_image = run()
+        fast_decoded = pipe.decode(fast_latents.z_sem, fast_latents.x_T, 10, output_type="pt").images * 2 - 1
+    finally:
+        pipe.set_memory_format(torch.contiguous_format)
+    ref_decoded = pipe.decode(fast_latents.z_sem, fast_latents.x_T, 10, output_type="pt").images * 2 - 1
+    torch.testing.assert_close(fast_latents.z_sem, ref_latents.z_sem, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast_latents.x_T, ref_latents.x_T, atol=5e-4, rtol=0)
+    # decoding the same codes in both layouts
+    assert (fast_decoded - ref_decoded).abs().max() < 1e-3
+    assert (fast_decoded - ref_decoded).abs().mean() < 1e-4
+    assert (fast_image - ref_image).abs().mean() < 1e-4
+    with pytest.raises(ValueError, match="memory_format"):
+        pipe.set_memory_format(torch.preserve_format)
 
 
 # ---------------------------------------------------------------------------------------------------------------

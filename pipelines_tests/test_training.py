@@ -169,6 +169,48 @@ def test_lazy_decoding_in_workers_matches_in_memory_cache(data, tmp_path):
     assert max_abs_diff(tmp_path / "memory" / weights, tmp_path / "lazy" / weights) == 0
 
 
+def test_channels_last_training_is_the_same_fp32_maths(data, tmp_path):
+    """--memory_format: auto picks channels_last from 64 px up; a loss and its gradients match the official layout."""
+    import copy
+
+    from diffusers import DDPMScheduler
+    from tiny import official_schedulers, tiny_encoder, tiny_unet
+
+    assert train_diffae.resolve_memory_format("auto", 32) == torch.contiguous_format
+    assert train_diffae.resolve_memory_format("auto", 64) == torch.channels_last
+    assert train_diffae.resolve_memory_format("contiguous", 256) == torch.contiguous_format
+    scheduler = DDPMScheduler.from_config(official_schedulers()[0].config)
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 3, 16, 16, generator=generator) * 2 - 1
+    noise = torch.randn(4, 3, 16, 16, generator=generator)
+    timesteps = torch.tensor([0, 10, 500, 999])
+    losses, grads = [], []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        module = train_diffae.DiffAETrainingModule(copy.deepcopy(tiny_unet()), copy.deepcopy(tiny_encoder()), scheduler)
+        module.to(memory_format=fmt).train()
+        loss = module(x0.contiguous(memory_format=fmt), timesteps, noise.contiguous(memory_format=fmt)).mean()
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in module.parameters()]))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+    assert (grads[1] - grads[0]).abs().max() <= 1e-4 * grads[0].abs().max()
+
+    out = tmp_path / "channels_last"
+    code = run_main(
+        train_diffae,
+        ["--dataset_name", data["saved"], "--model_config", data["config"], "--train_batch_size", 8,
+         "--max_train_steps", 2, "--checkpointing_steps", 2, "--memory_format", "channels_last", "--seed", 1,
+         "--output_dir", out, *QUIET],
+    )  # fmt: skip
+    assert code == 0
+    weights = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    resumed = ["--resume_from_checkpoint", "latest", "--max_train_steps", 3, "--checkpointing_steps", 0]
+    assert run_main(train_diffae, ["--dataset_name", data["saved"], "--model_config", data["config"],
+                                   "--train_batch_size", 8, "--memory_format", "channels_last", "--seed", 1,
+                                   "--output_dir", out, *QUIET, *resumed]) == 0  # fmt: skip
+
+
 def test_kill_and_resume_matches_uninterrupted_run(data, tmp_path):
     """kill -9 mid-run, resume from `latest`: the weights after N steps equal an uninterrupted N-step run."""
     steps = 12  # two epochs of 6 steps: the resumed run crosses an epoch boundary

@@ -360,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p = sub.add_parser("convert", help="convert an official checkpoint (see python -m diffusers_diffae.convert -h)")
     p.set_defaults(func=None)
+    p = sub.add_parser("evaluate", help="the paper's measurements on a pipeline and a dataset (see diffae evaluate -h)")
+    p.set_defaults(func=None)
     return parser
 
 
@@ -369,6 +371,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .convert import main as convert_main
 
         return convert_main(argv[1:])
+    if argv[:1] == ["evaluate"]:
+        from .evaluation.suite import main as evaluate_main
+
+        return evaluate_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
