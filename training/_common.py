@@ -884,3 +884,21 @@ def load_ema_folder(ema, folder: str, model: torch.nn.Module, device) -> None:
 def statistics_are_set(module) -> bool:
     """False for the fresh buffers (mean 0, std 1) of a model whose z_sem statistics were never stored."""
     return not (torch.all(module.z_sem_mean == 0) and torch.all(module.z_sem_std == 1))
+
+
+def plan_steps_and_lr_schedule(args, optimizer, num_batches: int, num_processes: int):
+    """Steps per epoch, total steps and epochs from a (prepared, per-process) loader of `num_batches` batches, and
+    the diffusers LR schedule over them. Returns (steps_per_epoch, max_train_steps, num_epochs, lr_scheduler)."""
+    from diffusers.optimization import get_scheduler
+
+    steps_per_epoch = math.ceil(num_batches / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        # accelerate steps a prepared scheduler once per process, hence the scaling (as diffusers' examples)
+        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=max_train_steps * num_processes,
+    )
+    return steps_per_epoch, max_train_steps, num_epochs, lr_scheduler

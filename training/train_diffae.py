@@ -16,7 +16,6 @@ The result is a `DiffAEPipeline` folder (`DiffAEPipeline.from_pretrained(output_
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -559,7 +558,6 @@ def main(argv=None) -> int:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
@@ -663,15 +661,8 @@ def main(argv=None) -> int:
             )
     # The sharded loader's length decides the epoch: (N // batch) // processes batches with drop_last.
     train_dataloader = accelerator.prepare(train_dataloader)
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        # accelerate steps a prepared scheduler once per process, hence the scaling (as diffusers' examples)
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
+    steps_per_epoch, max_train_steps, num_epochs, lr_scheduler = _common.plan_steps_and_lr_schedule(
+        args, optimizer, len(train_dataloader), accelerator.num_processes
     )
 
     # 5. prepare, checkpoint hooks, resume
