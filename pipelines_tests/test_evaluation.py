@@ -405,3 +405,29 @@ def test_evaluation_command_reports_bad_input(tmp_path):
     assert loaded.scheduler.config.clip_sample and loaded.scheduler.config.timestep_spacing == "leading"
     with pytest.raises(ValueError, match="neither a DiffAEPipeline"):
         load_pipeline(str(tmp_path / "data"))
+
+
+def test_bundled_ddim_baseline_is_the_bundled_decoder_without_z_sem():
+    """The shipped DDIM baseline (model_cards/ddim-emoji32-baseline.md) must be the bundled DiffAE decoder's
+    architecture minus z_sem, with the same sampler, or the evaluation's DiffAE-vs-DDIM rows compare unlike things."""
+    from diffusers import DDIMPipeline
+
+    from diffusers_diffae.cli import ASSETS, BUNDLED_MODEL
+    from diffusers_diffae.evaluation.suite import load_baseline
+
+    pipe = DiffAEPipeline.from_pretrained(BUNDLED_MODEL)
+    baseline = load_baseline(str(ASSETS / "ddim-emoji32-baseline"), pipe)
+
+    def public(config):
+        return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+    ours, theirs = public(pipe.unet.config), public(baseline.unet.config)
+    assert ours.pop("z_sem_channels") is not None and theirs.pop("z_sem_channels") is None
+    assert theirs == ours
+    assert public(baseline.scheduler.config) == public(pipe.scheduler.config)
+    assert not torch.equal(baseline.unet.conv_in.weight, pipe.unet.conv_in.weight)  # trained separately
+    # The card's loading snippet: a plain diffusers DDIMPipeline that samples images of the model's size.
+    ddim = DDIMPipeline.from_pretrained(ASSETS / "ddim-emoji32-baseline")
+    ddim.set_progress_bar_config(disable=True)
+    image = ddim(batch_size=1, num_inference_steps=2, output_type="np", generator=torch.manual_seed(0)).images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
