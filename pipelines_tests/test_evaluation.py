@@ -322,6 +322,11 @@ def test_evaluation_command_end_to_end(tmp_path):
         assert 0 <= row["mse"] <= 1 and math.isfinite(row["psnr"]) and -1 <= row["ssim"] <= 1
         assert row["psnr"] == pytest.approx(10 * math.log10(1 / row["mse"]), abs=3.0)  # mean of logs vs log of mean
     assert saved["reconstruction"]["lpips"].startswith("skipped:") or "lpips" in rows[("DiffAE (inverted x_T)", 2)]
+    kept = saved["reconstruction"]["attributes_kept"]
+    assert set(kept["input_auroc"]) == {"red", "bright"}
+    assert kept["input_auroc"]["red"] > 0.9  # a pixel probe fitted on the train split reads red off the test inputs
+    assert {(r["model"], r["T"]) for r in kept["rows"]} == set(rows)
+    assert all(0 <= v <= 1 for r in kept["rows"] for v in r["auroc"].values())
 
     probe = saved["representation"]["attributes"]["red"]
     assert {"z_sem", "x_T", "pixels", "baseline x_T"} <= set(probe)
@@ -347,12 +352,34 @@ def test_evaluation_command_end_to_end(tmp_path):
     assert results["claims"] and all(c["holds"] in (True, False, None) for c in results["claims"])
     report = (tmp_path / "out" / "evaluation.md").read_text()
     assert "## Reconstruction" in report and "## Linear-probe AUROC" in report and "## Sampling FID" in report
+    assert "**Attributes kept**" in report and "| test inputs | – |" in report
     assert "| holds |" in report or "| does not hold |" in report
     assert (tmp_path / "out" / "evaluation_reconstructions.png").is_file()
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "out" / "evaluation_quality_vs_T.png").is_file()
     else:
         assert saved["plots"]["quality_vs_T"].startswith("skipped:")
+
+
+def test_attributes_kept_claim_compares_z_sem_only_decodes_with_the_inputs():
+    def results(decoded_auroc):
+        rows = [
+            {"model": m, "T": 10, "mse": 0.01, "psnr": 20.0, "ssim": 0.5}
+            for m in ("DiffAE (inverted x_T)", "DiffAE (z_sem only, random x_T)")
+        ]
+        kept = {
+            "input_auroc": {"a": 0.90, "b": 0.80},
+            "rows": [
+                {"model": "DiffAE (inverted x_T)", "T": 10, "auroc": {"a": 0.5, "b": 0.5}},
+                {"model": "DiffAE (z_sem only, random x_T)", "T": 10, "auroc": decoded_auroc},
+            ],
+        }
+        claims = check_claims({"reconstruction": {"rows": rows, "attributes_kept": kept}})
+        return next(c for c in claims if c["claim"].startswith("Decoding z_sem with random x_T keeps"))
+
+    kept = results({"a": 0.86, "b": 0.79})  # within 0.05 of the inputs for both attributes
+    assert kept["holds"] is True and kept["measured"] == "a: 0.860 vs 0.900, b: 0.790 vs 0.800"
+    assert results({"a": 0.86, "b": 0.70})["holds"] is False  # b lost 0.10
 
 
 def test_evaluation_command_reports_bad_input(tmp_path):

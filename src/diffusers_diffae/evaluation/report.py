@@ -75,6 +75,17 @@ def markdown(results: Dict, title: str, plot_name: Optional[str], grid_name: Opt
             lines += _table(
                 ["model"] + [f"T={T}" for T in steps], [[m] + [lookup.get((m, T)) for T in steps] for m in models]
             )
+        kept = rec.get("attributes_kept", {})
+        if "skipped" in kept:
+            lines += [f"Attributes kept: {kept['skipped']}.", ""]
+        elif kept:
+            names = list(kept["input_auroc"])
+            lines += [f"**Attributes kept** (pixel-probe AUROC). {kept['protocol']}.", ""]
+            lines += _table(
+                ["images", "T"] + names,
+                [["test inputs", "–"] + [kept["input_auroc"][a] for a in names]]
+                + [[r["model"], r["T"]] + [r["auroc"].get(a) for a in names] for r in kept["rows"]],
+            )
         if plot_name:
             lines += [f"![quality vs T]({plot_name})", ""]
         if grid_name:
