@@ -341,6 +341,7 @@ def test_evaluation_command_end_to_end(tmp_path):
     for goal in ("to_positive", "to_negative"):
         if "skipped" not in edits[goal]:
             assert 0 <= edits[goal]["pixels_probe_success"] <= 1 and "Eq. 11" in edits[goal]["protocol"]
+            assert 0 <= edits[goal]["z_sem_probe_moved"] <= 1
 
     fid_rows = {(r["model"], r["T"]) for r in saved["sampling"]["rows"]}
     assert ("DiffAE (latent DDIM + decoder)", 3) in fid_rows and ("DDIM baseline", 2) in fid_rows
@@ -353,6 +354,7 @@ def test_evaluation_command_end_to_end(tmp_path):
     report = (tmp_path / "out" / "evaluation.md").read_text()
     assert "## Reconstruction" in report and "## Linear-probe AUROC" in report and "## Sampling FID" in report
     assert "**Attributes kept**" in report and "| test inputs | – |" in report
+    assert "| pixel probe moved toward goal |" in report
     assert "| holds |" in report or "| does not hold |" in report
     assert (tmp_path / "out" / "evaluation_reconstructions.png").is_file()
     if importlib.util.find_spec("matplotlib") is not None:
@@ -380,6 +382,18 @@ def test_attributes_kept_claim_compares_z_sem_only_decodes_with_the_inputs():
     kept = results({"a": 0.86, "b": 0.79})  # within 0.05 of the inputs for both attributes
     assert kept["holds"] is True and kept["measured"] == "a: 0.860 vs 0.900, b: 0.790 vs 0.800"
     assert results({"a": 0.86, "b": 0.70})["holds"] is False  # b lost 0.10
+
+
+def test_edit_claim_is_judged_on_the_probes_moving_toward_the_goal():
+    def claim(z_sem_moved):
+        row = {"pixels_probe_success": 0.2, "z_sem_probe_success": 0.1, "pixels_probe_moved": 0.95}
+        results = {"manipulation": {"attributes": {"a": {"to_positive": dict(row, z_sem_probe_moved=z_sem_moved)}}}}
+        return next(c for c in check_claims(results) if c["claim"].startswith("Linear edits of z_sem"))
+
+    moved = claim(0.9)  # both probes moved for >= 90 %, although few images crossed into the goal class
+    assert moved["holds"] is True
+    assert moved["measured"] == "a to_positive: moved 95% / 90% (pixel / z_sem probe), goal class reached 20% / 10%"
+    assert claim(0.85)["holds"] is False
 
 
 def test_evaluation_command_reports_bad_input(tmp_path):

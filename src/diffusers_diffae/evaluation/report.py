@@ -146,11 +146,11 @@ def markdown(results: Dict, title: str, plot_name: Optional[str], grid_name: Opt
             rows = []
             for attribute, entry in manip["attributes"].items():
                 if "skipped" in entry:
-                    rows.append([attribute, "", entry["skipped"]] + [None] * 7)
+                    rows.append([attribute, "", entry["skipped"]] + [None] * 9)
                     continue
                 for goal, row in entry.items():
                     if "skipped" in row:
-                        rows.append([attribute, goal, row["skipped"]] + [None] * 7)
+                        rows.append([attribute, goal, row["skipped"]] + [None] * 9)
                         continue
                     rows.append(
                         [
@@ -159,8 +159,10 @@ def markdown(results: Dict, title: str, plot_name: Optional[str], grid_name: Opt
                             row["num_images"],
                             row["pixels_probe_before"],
                             row["pixels_probe_success"],
+                            row["pixels_probe_moved"],
                             row["z_sem_probe_before"],
                             row["z_sem_probe_success"],
+                            row["z_sem_probe_moved"],
                             row.get("other_attributes_change"),
                             row["pixel_change_mean"],
                             row["changed_pixel_fraction"],
@@ -172,8 +174,10 @@ def markdown(results: Dict, title: str, plot_name: Optional[str], grid_name: Opt
                 "images",
                 "pixel probe before",
                 "pixel probe after",
+                "pixel probe moved toward goal",
                 "z_sem probe before",
                 "z_sem probe after",
+                "z_sem probe moved toward goal",
                 "other attributes mean abs Δp",
                 "mean abs Δpixel",
                 "pixels changed > 0.1",

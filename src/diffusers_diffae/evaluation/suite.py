@@ -777,19 +777,24 @@ def check_claims(results: Dict) -> List[Dict]:
             )
         )
     manip = results.get("manipulation", {}).get("attributes", {})
-    rates = [
-        (f"{a} {goal}", row["pixels_probe_success"], row["z_sem_probe_success"])
+    edits = [
+        (f"{a} {goal}", row)
         for a, entry in manip.items()
         for goal, row in entry.items()
         if isinstance(row, dict) and "pixels_probe_success" in row
     ]
-    if rates:
+    if edits:
         claims.append(
             _claim(
-                "Linear edits of z_sem change the target attribute (project target: >= 90% of images)",
+                "Linear edits of z_sem move the target attribute the intended way (project target: both held-out "
+                "probes' scores move toward the goal for >= 90% of images)",
                 "§5.3, Appendix G",
-                all(min(p, z) >= 0.9 for _, p, z in rates),
-                "; ".join(f"{n}: pixel probe {p:.0%}, z_sem probe {z:.0%}" for n, p, z in rates),
+                all(min(r["pixels_probe_moved"], r["z_sem_probe_moved"]) >= 0.9 for _, r in edits),
+                "; ".join(
+                    f"{n}: moved {r['pixels_probe_moved']:.0%} / {r['z_sem_probe_moved']:.0%} (pixel / z_sem probe), "
+                    f"goal class reached {r['pixels_probe_success']:.0%} / {r['z_sem_probe_success']:.0%}"
+                    for n, r in edits
+                ),
             )
         )
     samp = results.get("sampling", {})
