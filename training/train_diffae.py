@@ -488,7 +488,8 @@ def model_card(
         text += (
             "A [Diffusion Autoencoder](https://arxiv.org/abs/2111.15640) (Preechakul et al., CVPR 2022): a "
             "semantic encoder that maps an image to `z_sem` and a conditional DDIM that decodes `(z_sem, x_T)`. "
-            "Trained with [diffusers-diffae](https://github.com/phizaz/diffae)'s `training/train_diffae.py`.\n\n"
+            "Trained with `training/train_diffae.py` of diffusers-diffae (a diffusers port of the "
+            "[official code](https://github.com/phizaz/diffae)).\n\n"
             "```py\nfrom diffusers_diffae import DiffAEPipeline\n\n"
             f'pipe = DiffAEPipeline.from_pretrained("{args.hub_model_id or args.output_dir}")\n'
             "latents = pipe.encode(images, num_inference_steps=50)          # z_sem (B, D), x_T (B, 3, H, W)\n"
