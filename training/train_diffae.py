@@ -452,6 +452,8 @@ def run_validation(args, accelerator, module, emas, scheduler_config, images: to
 def model_card(
     args, configs, dataset_name: str, num_images: int, global_step: int, final_loss: Optional[float]
 ) -> str:
+    from diffusers_diffae.hub_utils import OFFICIAL_CODE_URL
+
     baseline = args.no_semantic_encoder
     tags = ["diffae", "diffusion-autoencoder", "diffusers", "diffusers-training"]
     tags += ["unconditional-image-generation"] if baseline else ["image-to-image", "representation-learning"]
@@ -489,7 +491,7 @@ def model_card(
             "A [Diffusion Autoencoder](https://arxiv.org/abs/2111.15640) (Preechakul et al., CVPR 2022): a "
             "semantic encoder that maps an image to `z_sem` and a conditional DDIM that decodes `(z_sem, x_T)`. "
             "Trained with `training/train_diffae.py` of diffusers-diffae (a diffusers port of the "
-            "[official code](https://github.com/phizaz/diffae)).\n\n"
+            f"[official code]({OFFICIAL_CODE_URL})).\n\n"
             "```py\nfrom diffusers_diffae import DiffAEPipeline\n\n"
             f'pipe = DiffAEPipeline.from_pretrained("{args.hub_model_id or args.output_dir}")\n'
             "latents = pipe.encode(images, num_inference_steps=50)          # z_sem (B, D), x_T (B, 3, H, W)\n"
