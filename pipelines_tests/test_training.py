@@ -205,10 +205,13 @@ def test_channels_last_training_is_the_same_fp32_maths(data, tmp_path):
     assert code == 0
     weights = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
-    resumed = ["--resume_from_checkpoint", "latest", "--max_train_steps", 3, "--checkpointing_steps", 0]
+    # Resumed in bf16 autocast: the card records both stretches, not just the last invocation's flag.
+    resumed = ["--resume_from_checkpoint", "latest", "--max_train_steps", 3, "--checkpointing_steps", 0,
+               "--mixed_precision", "bf16"]  # fmt: skip
     assert run_main(train_diffae, ["--dataset_name", data["saved"], "--model_config", data["config"],
                                    "--train_batch_size", 8, "--memory_format", "channels_last", "--seed", 1,
                                    "--output_dir", out, *QUIET, *resumed]) == 0  # fmt: skip
+    assert "- mixed precision: no (steps 0-2), bf16 (steps 2-3)\n" in (out / "README.md").read_text()
 
 
 def test_kill_and_resume_matches_uninterrupted_run(data, tmp_path):
@@ -533,6 +536,20 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, caplog):
         for part in ("unet", "encoder"):
             weights = load_file(os.path.join(checkpoint, part, "diffusion_pytorch_model.safetensors"))
             assert all(torch.isfinite(w).all() for w in weights.values()), checkpoint
+
+
+def test_precision_history_merges_stretches_and_marks_unrecorded_steps():
+    history = _common.precision_history(None, 0, 5, "no")
+    assert history == [{"steps": [0, 5], "mixed_precision": "no"}]
+    assert _common.describe_precision_history(history, "?") == "no"
+    history = _common.precision_history({"precision_history": history}, 5, 9, "no")  # same precision: one stretch
+    assert history == [{"steps": [0, 9], "mixed_precision": "no"}]
+    history = _common.precision_history({"precision_history": history}, 9, 12, "bf16")
+    assert _common.describe_precision_history(history, "?") == "no (steps 0-9), bf16 (steps 9-12)"
+    assert _common.precision_history({"precision_history": history}, 12, 12, "fp16") == history  # no steps run
+    legacy = _common.precision_history({"global_step": 40}, 40, 50, "bf16")  # a checkpoint from before the record
+    assert _common.describe_precision_history(legacy, "?") == "not recorded (steps 0-40), bf16 (steps 40-50)"
+    assert _common.describe_precision_history([], "accelerate default") == "accelerate default"
 
 
 def test_checkpoint_selection_skips_incomplete_folders(tmp_path):

@@ -568,6 +568,42 @@ def read_training_state(checkpoint: Optional[str]) -> Optional[Dict[str, Any]]:
         return json.load(f)
 
 
+def precision_history(
+    resume_state: Optional[Dict[str, Any]], start_step: int, step: int, mixed_precision: str
+) -> List[Dict[str, Any]]:
+    """The precision each stretch of steps ran in: `[{"steps": [first, last], "mixed_precision": ...}, ...]`.
+
+    A run resumed over several invocations may change `--mixed_precision` between them (bf16 only pays on hosts
+    with native bf16), so the checkpoint carries the whole record and the model card reports it, not just the
+    last invocation's flag. Checkpoints written before this record existed give `None` ("not recorded") for the
+    steps before `start_step`. Adjacent stretches with the same precision merge; empty ones are dropped.
+    """
+    earlier = list((resume_state or {}).get("precision_history", []))
+    if not earlier and start_step > 0:
+        earlier = [{"steps": [0, start_step], "mixed_precision": None}]
+    history: List[Dict[str, Any]] = []
+    for stretch in earlier + [{"steps": [start_step, step], "mixed_precision": mixed_precision}]:
+        first, last = stretch["steps"]
+        if last <= first:
+            continue
+        previous = history[-1] if history else None
+        if previous and previous["mixed_precision"] == stretch["mixed_precision"] and previous["steps"][1] == first:
+            history[-1] = {"steps": [previous["steps"][0], last], "mixed_precision": stretch["mixed_precision"]}
+        else:
+            history.append({"steps": [first, last], "mixed_precision": stretch["mixed_precision"]})
+    return history
+
+
+def describe_precision_history(history: List[Dict[str, Any]], fallback: str) -> str:
+    """One line for a model card: `bf16`, or `no (steps 0-42250), bf16 (steps 42250-51750)` for mixed runs."""
+    if not history:
+        return fallback
+    names = [h["mixed_precision"] or "not recorded" for h in history]
+    if len(history) == 1:
+        return names[0]
+    return ", ".join(f"{name} (steps {h['steps'][0]}-{h['steps'][1]})" for name, h in zip(names, history))
+
+
 def _fsync_tree(path: str) -> None:
     """Flushes a folder's files to stable storage, so a power loss cannot leave a renamed but empty checkpoint."""
     for root, _, files in os.walk(path):

@@ -20,7 +20,7 @@ import os
 import shutil
 import sys
 import uuid
-from typing import Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -450,7 +450,13 @@ def run_validation(args, accelerator, module, emas, scheduler_config, images: to
 
 
 def model_card(
-    args, configs, dataset_name: str, num_images: int, global_step: int, final_loss: Optional[float]
+    args,
+    configs,
+    dataset_name: str,
+    num_images: int,
+    global_step: int,
+    final_loss: Optional[float],
+    history: Optional[List[Dict[str, Any]]] = None,
 ) -> str:
     from diffusers_diffae.hub_utils import OFFICIAL_CODE_URL
 
@@ -499,6 +505,7 @@ def model_card(
             "Unconditional sampling needs the latent DDIM (`training/train_latent_ddim.py`); attribute editing "
             "needs a classifier (`training/train_attribute_classifier.py`).\n"
         )
+    precision = _common.describe_precision_history(history, args.mixed_precision or "accelerate default")
     ema = "none"
     if args.use_ema:
         ema = f"decay {args.ema_decay}" + (
@@ -512,7 +519,7 @@ def model_card(
         f"- optimiser: {args.optimizer}, learning rate {args.learning_rate} ({args.lr_scheduler}), "
         f"gradient clip {args.max_grad_norm}\n"
         f"- EMA: {ema}\n"
-        f"- mixed precision: {args.mixed_precision or 'accelerate default'}\n"
+        f"- mixed precision: {precision}\n"
         + (f"- final loss (last logging window): {final_loss:.5f}\n" if final_loss is not None else "")
         + "\n<details><summary>Model configs</summary>\n\n```json\n"
         + json.dumps({k: configs[k] for k in ("unet", "encoder", "scheduler")}, indent=2, default=str)
@@ -727,6 +734,7 @@ def main(argv=None) -> int:
             )
     elif args.resume_from_checkpoint == "latest":
         log(f"no complete checkpoint in {args.output_dir}; starting a new run")
+    start_step = global_step  # where this invocation's stretch of the precision history begins
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers(
             args.tracker_project_name,
@@ -759,6 +767,9 @@ def main(argv=None) -> int:
             "epoch": global_step // steps_per_epoch,
             "num_processes": accelerator.num_processes,
             "train_batch_size": args.train_batch_size,
+            "precision_history": _common.precision_history(
+                resume_state, start_step, global_step, accelerator.mixed_precision
+            ),
         }
 
     def validate():
@@ -868,7 +879,8 @@ def main(argv=None) -> int:
             pipeline = build_pipeline(inner.unet, inner.encoder, configs["scheduler"])
             pipeline.save_pretrained(staging)
         dataset_name = args.dataset_name or args.train_data_dir
-        card = model_card(args, configs, dataset_name, len(train_dataset), global_step, last_logged_loss)
+        history = checkpoint_state()["precision_history"]
+        card = model_card(args, configs, dataset_name, len(train_dataset), global_step, last_logged_loss, history)
         with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as f:
             f.write(card)
         with open(os.path.join(staging, "training_args.json"), "w", encoding="utf-8") as f:
