@@ -205,13 +205,16 @@ def test_channels_last_training_is_the_same_fp32_maths(data, tmp_path):
     assert code == 0
     weights = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
-    # Resumed in bf16 autocast: the card records both stretches, not just the last invocation's flag.
+    # Resumed in bf16 autocast at a lower learning rate: the card records both stretches of each, not just the
+    # last invocation's flags (load_state restores the checkpoint's rate; the new one must win).
     resumed = ["--resume_from_checkpoint", "latest", "--max_train_steps", 3, "--checkpointing_steps", 0,
-               "--mixed_precision", "bf16"]  # fmt: skip
+               "--mixed_precision", "bf16", "--learning_rate", 5e-5]  # fmt: skip
     assert run_main(train_diffae, ["--dataset_name", data["saved"], "--model_config", data["config"],
                                    "--train_batch_size", 8, "--memory_format", "channels_last", "--seed", 1,
                                    "--output_dir", out, *QUIET, *resumed]) == 0  # fmt: skip
-    assert "- mixed precision: no (steps 0-2), bf16 (steps 2-3)\n" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "- mixed precision: no (steps 0-2), bf16 (steps 2-3)\n" in card
+    assert "learning rate 0.0001 (steps 0-2), 5e-05 (steps 2-3) (constant)" in card
 
 
 def test_kill_and_resume_matches_uninterrupted_run(data, tmp_path):
@@ -541,15 +544,42 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, caplog):
 def test_precision_history_merges_stretches_and_marks_unrecorded_steps():
     history = _common.precision_history(None, 0, 5, "no")
     assert history == [{"steps": [0, 5], "mixed_precision": "no"}]
-    assert _common.describe_precision_history(history, "?") == "no"
+    assert _common.describe_history(history, "mixed_precision", "?") == "no"
     history = _common.precision_history({"precision_history": history}, 5, 9, "no")  # same precision: one stretch
     assert history == [{"steps": [0, 9], "mixed_precision": "no"}]
     history = _common.precision_history({"precision_history": history}, 9, 12, "bf16")
-    assert _common.describe_precision_history(history, "?") == "no (steps 0-9), bf16 (steps 9-12)"
+    assert _common.describe_history(history, "mixed_precision", "?") == "no (steps 0-9), bf16 (steps 9-12)"
     assert _common.precision_history({"precision_history": history}, 12, 12, "fp16") == history  # no steps run
     legacy = _common.precision_history({"global_step": 40}, 40, 50, "bf16")  # a checkpoint from before the record
-    assert _common.describe_precision_history(legacy, "?") == "not recorded (steps 0-40), bf16 (steps 40-50)"
-    assert _common.describe_precision_history([], "accelerate default") == "accelerate default"
+    assert _common.describe_history(legacy, "mixed_precision", "?") == "not recorded (steps 0-40), bf16 (steps 40-50)"
+    assert _common.describe_history([], "mixed_precision", "accelerate default") == "accelerate default"
+
+
+def test_learning_rate_history_fills_legacy_steps_with_the_restored_rate():
+    legacy = _common.learning_rate_history({"global_step": 40}, 40, 50, 1e-4, resumed_rate=3e-4)
+    assert legacy == [{"steps": [0, 40], "learning_rate": 3e-4}, {"steps": [40, 50], "learning_rate": 1e-4}]
+    assert _common.describe_history(legacy, "learning_rate", "?") == "0.0003 (steps 0-40), 0.0001 (steps 40-50)"
+    again = _common.learning_rate_history({"learning_rate_history": legacy}, 50, 60, 1e-4, resumed_rate=1e-4)
+    assert again == [{"steps": [0, 40], "learning_rate": 3e-4}, {"steps": [40, 60], "learning_rate": 1e-4}]
+
+
+def test_set_peak_learning_rate_keeps_the_schedule_shape():
+    from diffusers.optimization import get_scheduler
+
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.Adam([parameter], lr=3e-4)
+    scheduler = get_scheduler("linear", optimizer=optimizer, num_warmup_steps=0, num_training_steps=10)
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    assert _common.set_peak_learning_rate(scheduler, 3e-4) == 3e-4  # same rate: nothing changes
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1.5e-4)
+    assert _common.set_peak_learning_rate(scheduler, 1e-4) == 3e-4
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5e-4)  # half-way down the linear decay, new peak
+    assert scheduler.get_last_lr() == [pytest.approx(0.5e-4)]
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.4e-4)  # later steps follow the new peak
 
 
 def test_checkpoint_selection_skips_incomplete_folders(tmp_path):

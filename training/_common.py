@@ -568,6 +568,31 @@ def read_training_state(checkpoint: Optional[str]) -> Optional[Dict[str, Any]]:
         return json.load(f)
 
 
+def setting_history(
+    earlier: Optional[List[Dict[str, Any]]], key: str, start_step: int, step: int, value: Any, unrecorded: Any = None
+) -> List[Dict[str, Any]]:
+    """What value a training setting had over each stretch of steps: `[{"steps": [first, last], key: value}, ...]`.
+
+    `earlier` is the record the resumed checkpoint carries; this invocation ran steps `start_step`-`step` with
+    `value`. A checkpoint written before the record existed gives `unrecorded` for the steps before `start_step`.
+    Adjacent stretches with the same value merge; empty ones are dropped.
+    """
+    earlier = list(earlier or [])
+    if not earlier and start_step > 0:
+        earlier = [{"steps": [0, start_step], key: unrecorded}]
+    history: List[Dict[str, Any]] = []
+    for stretch in earlier + [{"steps": [start_step, step], key: value}]:
+        first, last = stretch["steps"]
+        if last <= first:
+            continue
+        previous = history[-1] if history else None
+        if previous and previous[key] == stretch[key] and previous["steps"][1] == first:
+            history[-1] = {"steps": [previous["steps"][0], last], key: stretch[key]}
+        else:
+            history.append({"steps": [first, last], key: stretch[key]})
+    return history
+
+
 def precision_history(
     resume_state: Optional[Dict[str, Any]], start_step: int, step: int, mixed_precision: str
 ) -> List[Dict[str, Any]]:
@@ -575,33 +600,50 @@ def precision_history(
 
     A run resumed over several invocations may change `--mixed_precision` between them (bf16 only pays on hosts
     with native bf16), so the checkpoint carries the whole record and the model card reports it, not just the
-    last invocation's flag. Checkpoints written before this record existed give `None` ("not recorded") for the
-    steps before `start_step`. Adjacent stretches with the same precision merge; empty ones are dropped.
+    last invocation's flag. Checkpoints written before this record existed give `None` ("not recorded").
     """
-    earlier = list((resume_state or {}).get("precision_history", []))
-    if not earlier and start_step > 0:
-        earlier = [{"steps": [0, start_step], "mixed_precision": None}]
-    history: List[Dict[str, Any]] = []
-    for stretch in earlier + [{"steps": [start_step, step], "mixed_precision": mixed_precision}]:
-        first, last = stretch["steps"]
-        if last <= first:
-            continue
-        previous = history[-1] if history else None
-        if previous and previous["mixed_precision"] == stretch["mixed_precision"] and previous["steps"][1] == first:
-            history[-1] = {"steps": [previous["steps"][0], last], "mixed_precision": stretch["mixed_precision"]}
-        else:
-            history.append({"steps": [first, last], "mixed_precision": stretch["mixed_precision"]})
-    return history
+    earlier = (resume_state or {}).get("precision_history")
+    return setting_history(earlier, "mixed_precision", start_step, step, mixed_precision)
 
 
-def describe_precision_history(history: List[Dict[str, Any]], fallback: str) -> str:
-    """One line for a model card: `bf16`, or `no (steps 0-42250), bf16 (steps 42250-51750)` for mixed runs."""
+def learning_rate_history(
+    resume_state: Optional[Dict[str, Any]], start_step: int, step: int, learning_rate: float, resumed_rate: float
+) -> List[Dict[str, Any]]:
+    """The peak learning rate of each stretch of steps: `[{"steps": [first, last], "learning_rate": ...}, ...]`.
+
+    `resumed_rate` is the peak rate the resumed checkpoint's LR schedule carried: a checkpoint written before this
+    record existed ran all its steps at it (the script could not change it on resume before).
+    """
+    earlier = (resume_state or {}).get("learning_rate_history")
+    return setting_history(earlier, "learning_rate", start_step, step, learning_rate, unrecorded=resumed_rate)
+
+
+def describe_history(history: List[Dict[str, Any]], key: str, fallback: str) -> str:
+    """One line for a model card: `bf16`, or `no (steps 0-42250), bf16 (steps 42250-51750)` where it changed."""
     if not history:
         return fallback
-    names = [h["mixed_precision"] or "not recorded" for h in history]
+    names = ["not recorded" if h[key] is None else str(h[key]) for h in history]
     if len(history) == 1:
         return names[0]
     return ", ".join(f"{name} (steps {h['steps'][0]}-{h['steps'][1]})" for name, h in zip(names, history))
+
+
+def set_peak_learning_rate(lr_scheduler, learning_rate: float) -> float:
+    """Makes a restored LR schedule go on at peak `learning_rate`; returns the peak rate it carried before.
+
+    `accelerator.load_state` restores the optimizer's and the schedule's learning rates from the checkpoint, so
+    without this a changed `--learning_rate` would be silently ignored on resume. The schedule's shape (its factor
+    at the current step) is kept; only its peak changes.
+    """
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper holds the torch schedule
+    previous = float(scheduler.base_lrs[0])
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        factor = group["lr"] / base if base else 1.0
+        group["initial_lr"] = learning_rate
+        group["lr"] = learning_rate * factor
+    scheduler.base_lrs = [learning_rate] * len(scheduler.base_lrs)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what get_last_lr() reports
+    return previous
 
 
 def _fsync_tree(path: str) -> None:

@@ -456,8 +456,10 @@ def model_card(
     num_images: int,
     global_step: int,
     final_loss: Optional[float],
-    history: Optional[List[Dict[str, Any]]] = None,
+    state: Optional[Dict[str, Any]] = None,
 ) -> str:
+    """The exported folder's README; `state` is the checkpoint state, whose step-range records (precision,
+    learning rate) the card lists."""
     from diffusers_diffae.hub_utils import OFFICIAL_CODE_URL
 
     baseline = args.no_semantic_encoder
@@ -505,7 +507,13 @@ def model_card(
             "Unconditional sampling needs the latent DDIM (`training/train_latent_ddim.py`); attribute editing "
             "needs a classifier (`training/train_attribute_classifier.py`).\n"
         )
-    precision = _common.describe_precision_history(history, args.mixed_precision or "accelerate default")
+    state = state or {}
+    precision = _common.describe_history(
+        state.get("precision_history", []), "mixed_precision", args.mixed_precision or "accelerate default"
+    )
+    learning_rate = _common.describe_history(
+        state.get("learning_rate_history", []), "learning_rate", str(args.learning_rate)
+    )
     ema = "none"
     if args.use_ema:
         ema = f"decay {args.ema_decay}" + (
@@ -516,7 +524,7 @@ def model_card(
         f"- data: `{dataset_name}` ({num_images} images, {args.resolution}x{args.resolution}, "
         f"{'random flips' if args.random_flip else 'no flips'})\n"
         f"- steps: {global_step} x {args.train_batch_size * args.gradient_accumulation_steps} images per process\n"
-        f"- optimiser: {args.optimizer}, learning rate {args.learning_rate} ({args.lr_scheduler}), "
+        f"- optimiser: {args.optimizer}, learning rate {learning_rate} ({args.lr_scheduler}), "
         f"gradient clip {args.max_grad_norm}\n"
         f"- EMA: {ema}\n"
         f"- mixed precision: {precision}\n"
@@ -719,10 +727,14 @@ def main(argv=None) -> int:
     accelerator.register_load_state_pre_hook(load_model_hook)
 
     global_step = 0
+    resumed_rate = learning_rate
     if resume_checkpoint is not None:
         log(f"resuming from {resume_checkpoint}")
         accelerator.load_state(resume_checkpoint)
         global_step = int(resume_state["global_step"])
+        resumed_rate = _common.set_peak_learning_rate(lr_scheduler, learning_rate)
+        if resumed_rate != learning_rate:
+            log(f"the checkpoint ran at peak learning rate {resumed_rate:g}; continuing at {learning_rate:g}")
         saved_layout = (resume_state.get("num_processes"), resume_state.get("train_batch_size"))
         if saved_layout != (accelerator.num_processes, args.train_batch_size):
             logger.warning(
@@ -769,6 +781,9 @@ def main(argv=None) -> int:
             "train_batch_size": args.train_batch_size,
             "precision_history": _common.precision_history(
                 resume_state, start_step, global_step, accelerator.mixed_precision
+            ),
+            "learning_rate_history": _common.learning_rate_history(
+                resume_state, start_step, global_step, learning_rate, resumed_rate
             ),
         }
 
@@ -879,8 +894,9 @@ def main(argv=None) -> int:
             pipeline = build_pipeline(inner.unet, inner.encoder, configs["scheduler"])
             pipeline.save_pretrained(staging)
         dataset_name = args.dataset_name or args.train_data_dir
-        history = checkpoint_state()["precision_history"]
-        card = model_card(args, configs, dataset_name, len(train_dataset), global_step, last_logged_loss, history)
+        card = model_card(
+            args, configs, dataset_name, len(train_dataset), global_step, last_logged_loss, checkpoint_state()
+        )
         with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as f:
             f.write(card)
         with open(os.path.join(staging, "training_args.json"), "w", encoding="utf-8") as f:
