@@ -162,10 +162,11 @@ def run_demo(args) -> int:
         rows.append(to_pil(pipe.interpolate(a, b, num_frames=8, num_inference_steps=steps, output_type="pt").images))
     grid(rows).save(out / "interpolations.png")
     sections.append(("Interpolations", "interpolations.png", "lerp on z_sem, slerp on x_T (paper §5.2)."))
-    variation_rows = []
-    for i in range(min(4, n)):
-        z = latents.z_sem[i : i + 1].repeat(6, 1)
-        variation_rows.append([to_pil(x[i : i + 1])[0]] + to_pil(pipe.decode(z, None, steps, generator=generator, output_type="pt").images))
+    # Every section decodes one batch: on a CPU a few large batches run much faster than many small ones.
+    shown_var, num_var = min(4, n), 6
+    z = latents.z_sem[:shown_var].repeat_interleave(num_var, dim=0)
+    varied = pipe.decode(z, None, steps, generator=generator, output_type="pt").images
+    variation_rows = [[to_pil(x[i : i + 1])[0]] + to_pil(varied[i * num_var : (i + 1) * num_var]) for i in range(shown_var)]
     grid(variation_rows).save(out / "variations.png")
     sections.append(("Stochastic variations", "variations.png", "Input, then the same z_sem decoded from six random x_T (paper Fig. 3)."))
 
@@ -175,11 +176,11 @@ def run_demo(args) -> int:
         for attribute in args.edit_attributes or _default_edit_attributes(pipe.classifier):
             if attribute not in pipe.classifier.attribute_names:
                 continue
-            rows = []
-            for i in range(min(6, n)):
-                single = type(latents)(latents.z_sem[i : i + 1].repeat(len(strengths), 1), latents.x_T[i : i + 1].repeat(len(strengths), 1, 1, 1))
-                edited = pipe.edit(single, attribute=attribute, strength=torch.tensor(strengths), num_inference_steps=steps, output_type="pt").images
-                rows.append([to_pil(x[i : i + 1])[0]] + to_pil(edited))
+            shown_edit, k = min(6, n), len(strengths)
+            batch = type(latents)(latents.z_sem[:shown_edit].repeat_interleave(k, dim=0), latents.x_T[:shown_edit].repeat_interleave(k, dim=0))
+            strength = torch.tensor(strengths).repeat(shown_edit)  # (shown_edit * k,): image i gets strengths[j] at i * k + j
+            edited = pipe.edit(batch, attribute=attribute, strength=strength, num_inference_steps=steps, output_type="pt").images
+            rows = [[to_pil(x[i : i + 1])[0]] + to_pil(edited[i * k : (i + 1) * k]) for i in range(shown_edit)]
             name = f"edit_{attribute}.png"
             grid(rows).save(out / name)
             sections.append((f"Edit: {attribute}", name, f"Input, then strength {strengths} along the classifier direction; x_T kept."))
