@@ -14,7 +14,15 @@ from tiny import ENCODER, UNET, Z
 from diffusers_diffae import AttributeClassifier, DiffAEPipeline, DiffAEUNet2DModel, LatentMLPDenoiser, SemanticEncoder
 from diffusers_diffae.evaluation import fid, metrics
 from diffusers_diffae.evaluation.sampling import ddim_decode, ddim_invert
-from diffusers_diffae.evaluation.suite import binary_labels, build_parser, check_claims, load_pipeline, run
+from diffusers_diffae.evaluation.suite import (
+    Evaluation,
+    EvaluationData,
+    binary_labels,
+    build_parser,
+    check_claims,
+    load_pipeline,
+    run,
+)
 from diffusers_diffae.presets import _ddim_config
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,8 +358,14 @@ def test_evaluation_command_end_to_end(tmp_path):
         or "skipped" in saved["sampling"]["conditional"]["red"]
     )
 
+    lat = saved["latent"]
+    assert (lat["num_test_codes"], lat["num_train_codes"]) == (16, 30) and [r["T"] for r in lat["rows"]] == [2, 3]
+    assert all(r["frechet_to_test"] >= 0 and 0 <= r["near_copies"] <= 1 for r in lat["rows"])
+
     assert results["claims"] and all(c["holds"] in (True, False, None) for c in results["claims"])
+    assert any(c["source"] == "Appendix C" for c in results["claims"])
     report = (tmp_path / "out" / "evaluation.md").read_text()
+    assert "## Latent DDIM in z_sem space" in report and "| training codes (floor) |" in report
     assert "## Reconstruction" in report and "## Linear-probe AUROC" in report and "## Sampling FID" in report
     assert "**Attributes kept**" in report and "| test inputs | – |" in report
     assert "| pixel probe moved toward goal |" in report
@@ -361,6 +375,37 @@ def test_evaluation_command_end_to_end(tmp_path):
         assert (tmp_path / "out" / "evaluation_quality_vs_T.png").is_file()
     else:
         assert saved["plots"]["quality_vs_T"].startswith("skipped:")
+
+
+def test_latent_section_tells_a_copying_sampler_from_a_fresh_one(monkeypatch):
+    pipe = _pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    images = torch.rand(192, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    test, train, fresh = images[:64], images[64:128], images[128:]
+    evaluation = Evaluation(pipe, EvaluationData(test), train_data=EvaluationData(train), batch_size=32)
+    pool = {"copy": evaluation.train_z_sem, "fresh": evaluation.encode_z_sem(fresh)}
+
+    def measure(kind):
+        codes = iter(pool[kind].split(32))
+
+        def sample_z_sem(batch_size, num_inference_steps, generator=None):  # hands out the pool's codes in order
+            return next(codes)
+
+        monkeypatch.setattr(pipe, "sample_z_sem", sample_z_sem)
+        results = {"latent": evaluation.latent([2], num_samples=64)}
+        claim = next(c for c in check_claims(results) if c["source"] == "Appendix C")
+        return results["latent"], claim
+
+    copied, claim = measure("copy")
+    assert copied["rows"][0]["near_copies"] == 1.0 and copied["rows"][0]["nearest_train_median"] == 0.0
+    assert claim["holds"] is False and "100.0% near copies" in claim["measured"]
+    fresh_codes, claim = measure("fresh")  # codes of unseen images from the test images' distribution
+    assert fresh_codes["rows"][0]["near_copies"] <= 0.1 and claim["holds"] is True
+    assert fresh_codes["rows"][0]["nearest_train_median"] > 0.5 * fresh_codes["test_nearest_train_median"]
+    assert copied["train_frechet_to_test"] == fresh_codes["train_frechet_to_test"] > 0
+
+    pipe.latent_denoiser = None
+    assert evaluation.latent([2])["skipped"].startswith("skipped: the pipeline has no latent_denoiser")
 
 
 def test_attributes_kept_claim_compares_z_sem_only_decodes_with_the_inputs():

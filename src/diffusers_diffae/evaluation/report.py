@@ -217,6 +217,33 @@ def markdown(results: Dict, title: str, plot_name: Optional[str], grid_name: Opt
                         )
                 lines += ["**Few-shot conditional sampling** (FID against the real positives of the class)", ""]
                 lines += _table(["class", "real positives", "conditional", "unconditional (naive)"], rows)
+
+    lat = results.get("latent")
+    if lat:
+        lines += ["## Latent DDIM in z_sem space (§4, Appendix C)", ""]
+        if "skipped" in lat:
+            lines += [lat["skipped"] + ".", ""]
+        else:
+            lines += [
+                f"{lat['num_samples']} sampled codes per T against the normalised z_sem of {lat['num_test_codes']} "
+                f"test images and {lat.get('num_train_codes', 0)} training images (Euclidean distances in "
+                "normalised z_sem; near copies: samples nearer to a training code than the closest 5% of the test "
+                "codes are).",
+                "",
+            ]
+            if "note" in lat:
+                lines += [lat["note"] + ".", ""]
+            rows = [
+                [f"latent DDIM, T={r['T']}", r["frechet_to_test"], r.get("nearest_train_median"), r.get("near_copies")]
+                for r in lat["rows"]
+            ]
+            if "num_train_codes" in lat:
+                rows += [
+                    ["held-out test codes", None, lat["test_nearest_train_median"], "5% (by definition)"],
+                    ["training codes (floor)", lat["train_frechet_to_test"], None, None],
+                ]
+            header = ["codes", "Frechet distance to test codes", "median distance to nearest training code"]
+            lines += _table(header + ["near copies"], rows)
     return "\n".join(lines)
 
 

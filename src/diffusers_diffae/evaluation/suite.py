@@ -19,6 +19,9 @@ Sections (paper map):
 5. `sampling` (§5.6-5.7, Tables 3-4): FID of samples against the real images for every T: DiffAE (latent DDIM +
    decoder), the DDIM baseline, DiffAE decoding the real images' z_sem ("+autoencoding"), and few-shot
    conditional samples (rejection sampling with the classifier) against the real positives of their class.
+6. `latent` (§4, Appendix C): the latent DDIM alone, in normalised z_sem space: Frechet distance of its samples to
+   the test images' codes (floor: the training codes' distance) and, as the memorisation check, each sample's
+   distance to the nearest training code against that of the held-out test codes.
 
 Everything is written to `<output>/<tag>.json`, `<tag>.md`, `<tag>_quality_vs_T.png` and `<tag>_reconstructions.png`.
 """
@@ -41,7 +44,7 @@ from .fid import InceptionFeatures, LPIPSDistance, MetricUnavailable, feature_di
 from .report import write_report
 from .sampling import ddim_decode, ddim_invert
 
-SECTIONS = ("reconstruction", "representation", "interpolation", "manipulation", "sampling")
+SECTIONS = ("reconstruction", "representation", "interpolation", "manipulation", "sampling", "latent")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -675,6 +678,53 @@ class Evaluation:
         }
 
 
+    # -- 6. latent DDIM in z_sem space -------------------------------------------------------------------------
+
+    def latent(self, steps: Sequence[int], num_samples: int = 1024) -> Dict:
+        """How closely the latent DDIM's codes follow the real normalised z_sem (§4), and whether they copy its
+        training codes (Appendix C), measured in z_sem space, so without any image network.
+
+        For every T: the Frechet distance of `num_samples` sampled codes to the test images' codes (next to the
+        distance of the training images' codes to them, the floor a perfect sampler would reach), and each sampled
+        code's distance to its nearest training code against the same distance of the held-out test codes. A
+        sampler that memorises puts its codes much nearer to training codes than held-out data lies;
+        `near_copies` counts the samples nearer than the closest 5% of the test codes: a sampler that draws fresh
+        codes from the data distribution scores about 5%, one that copies training codes 100%.
+        """
+        pipe = self.pipe
+        if pipe.latent_denoiser is None or pipe.latent_scheduler is None:
+            return {"skipped": "skipped: the pipeline has no latent_denoiser / latent_scheduler"}
+        _log(f"latent DDIM in z_sem space ({num_samples} samples, T in {list(steps)})")
+        normalize = pipe.latent_denoiser.normalize_z_sem
+        test = normalize(self.z_sem.double())
+        train = normalize(self.train_z_sem.double()) if self.train_data is not None else None
+        test_nearest = torch.cdist(test, train).min(dim=1).values if train is not None else None
+        generator = torch.Generator().manual_seed(self.seed + 3)
+        rows = []
+        for T in steps:
+            sampled = torch.cat(
+                [
+                    pipe.sample_z_sem(min(self.batch_size, num_samples - s), T, generator=generator).double().cpu()
+                    for s in range(0, num_samples, self.batch_size)
+                ]
+            )
+            sampled = normalize(sampled)
+            row = {"T": T, "frechet_to_test": metrics.fid_from_features(sampled.numpy(), test.numpy())}
+            if train is not None:
+                nearest = torch.cdist(sampled, train).min(dim=1).values
+                row["nearest_train_median"] = nearest.median().item()
+                row["near_copies"] = (nearest < test_nearest.quantile(0.05)).double().mean().item()
+            rows.append(row)
+        out = {"num_samples": num_samples, "num_test_codes": int(test.shape[0]), "rows": rows}
+        if train is not None:
+            out["num_train_codes"] = int(train.shape[0])
+            out["train_frechet_to_test"] = metrics.fid_from_features(train.numpy(), test.numpy())
+            out["test_nearest_train_median"] = test_nearest.median().item()
+        else:
+            out["note"] = "no --train_split: the floor and the nearest-training-code distances are not measured"
+        return out
+
+
 def _odd_floor(n: int) -> int:
     return n if n % 2 else n - 1
 
@@ -834,6 +884,21 @@ def check_claims(results: Dict) -> List[Dict]:
                     f"FID {entry['fid_conditional']:.1f} vs {entry['fid_unconditional']:.1f}",
                 )
             )
+    lat = results.get("latent", {})
+    if "near_copies" in (lat.get("rows") or [{}])[0]:
+        claims.append(
+            _claim(
+                "The latent DDIM does not memorise its training codes: its samples lie no nearer to a training code "
+                "than held-out codes do (at most 10% nearer than the closest 5% of the test codes)",
+                "Appendix C",
+                all(r["near_copies"] <= 0.1 for r in lat["rows"]),
+                ", ".join(
+                    f"T={r['T']}: {100 * r['near_copies']:.1f}% near copies, median distance "
+                    f"{r['nearest_train_median']:.2f} vs {lat['test_nearest_train_median']:.2f} for test codes"
+                    for r in lat["rows"]
+                ),
+            )
+        )
     return claims
 
 
@@ -859,7 +924,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--train_split",
         default="train",
-        help="Labelled split for the probes that judge reconstructions and edits, and the Eq. 11 targets ('' to skip).",
+        help="Split for the probes that judge reconstructions and edits, the Eq. 11 targets and the latent section's "
+        "training codes ('' to skip).",
     )
     p.add_argument("--image_column", default="image", help="Column with the images.")
     p.add_argument(
@@ -876,7 +942,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"Comma-separated subset of {', '.join(SECTIONS)}.")
     p.add_argument("--steps", default="10,20,50,100", help="Comma-separated numbers of DDIM steps T.")
     p.add_argument("--max_images", type=int, default=64, help="Test images to use (seeded random subset).")
-    p.add_argument("--max_train_images", type=int, default=256, help="Images of --train_split for the probes.")
+    p.add_argument(
+        "--max_train_images", type=int, default=256, help="Images of --train_split (probes, latent section)."
+    )
     p.add_argument("--batch_size", type=int, default=32, help="Images per network call.")
     p.add_argument(
         "--probe_steps", type=int, default=20, help="DDIM steps of the x_T inversion for the linear probes."
@@ -895,6 +963,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--edit_strength", type=float, default=None, help="Fixed edit strength alpha instead of the Eq. 11 target."
     )
     p.add_argument("--num_samples", type=int, default=64, help="Generated images per FID row.")
+    p.add_argument("--latent_samples", type=int, default=1024, help="Sampled codes per T in the latent section.")
     p.add_argument(
         "--conditional_attributes", default="", help="Binary classifier heads for few-shot conditional sampling FID."
     )
@@ -954,7 +1023,7 @@ def run(args: argparse.Namespace, features: Optional[Callable] = None, features_
         pipe, load_dataset_split(args.dataset, args.split), args.image_column, attributes, args.max_images, args.seed
     )
     train_data = None
-    if ("manipulation" in sections or "reconstruction" in sections) and args.train_split:
+    if {"manipulation", "reconstruction", "latent"} & set(sections) and args.train_split:
         train = load_dataset_split(args.dataset, args.train_split)
         train_data = load_images(pipe, train, args.image_column, attributes, args.max_train_images, args.seed)
 
@@ -1015,6 +1084,8 @@ def run(args: argparse.Namespace, features: Optional[Callable] = None, features_
         results["sampling"] = evaluation.sampling(
             steps, args.num_samples, parse_list(args.conditional_attributes), args.conditional_steps
         )
+    if "latent" in sections:
+        results["latent"] = evaluation.latent(steps, args.latent_samples)
     results["claims"] = check_claims(results)
     results["runtime_s"] = round(time.time() - started, 1)
     title = args.title or f"DiffAE evaluation: {os.path.basename(os.path.normpath(args.pipeline))}"
