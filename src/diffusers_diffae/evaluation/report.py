@@ -234,7 +234,12 @@ def markdown(results: Dict, title: str, plot_name: Optional[str], grid_name: Opt
             if "note" in lat:
                 lines += [lat["note"] + ".", ""]
             rows = [
-                [f"latent DDIM, T={r['T']}", r["frechet_to_test"], r.get("nearest_train_median"), r.get("near_copies")]
+                [
+                    f"latent DDIM, T={r['T']}",
+                    r["frechet_to_test"],
+                    r.get("nearest_train_median"),
+                    f"{100 * r['near_copies']:.1f}%" if "near_copies" in r else None,
+                ]
                 for r in lat["rows"]
             ]
             if "num_train_codes" in lat:
