@@ -71,7 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     group = parser.add_argument_group("optimisation")
     group.add_argument("--train_batch_size", type=int, default=256, help="Codes per process and micro-step.")
     group.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_epochs.")
-    group.add_argument("--num_epochs", type=int, default=100, help="Epochs when --max_train_steps is not given.")
+    group.add_argument(
+        "--num_epochs", type=int, default=100, help="Epochs without --max_train_steps (a quick fit; the paper: ~1,400)."
+    )
     group.add_argument("--gradient_accumulation_steps", type=int, default=1)
     group.add_argument("--learning_rate", type=float, default=1e-4, help="Official: 1e-4.")
     group.add_argument("--lr_scheduler", type=str, default="constant", help="diffusers LR schedule name.")
