@@ -264,6 +264,11 @@ class Evaluation:
         ]
         return torch.cat(out)
 
+    def sample_z_sem(self, num_samples: int, steps: int, generator: torch.Generator) -> torch.Tensor:
+        """(num_samples, D) float z_sem on the CPU, drawn from the latent DDIM with `steps` DDIM steps in batches."""
+        sizes = [min(self.batch_size, num_samples - s) for s in range(0, num_samples, self.batch_size)]
+        return torch.cat([self.pipe.sample_z_sem(n, steps, generator=generator).float().cpu() for n in sizes])
+
     @property
     def z_sem(self) -> torch.Tensor:
         if self._z_sem is None:
@@ -620,12 +625,7 @@ class Evaluation:
         for T in steps:
             _log(f"sampling T={T}")
             if has_latent:
-                z_sampled = torch.cat(
-                    [
-                        pipe.sample_z_sem(min(self.batch_size, num_samples - s), T, generator=generator).float().cpu()
-                        for s in range(0, num_samples, self.batch_size)
-                    ]
-                )
+                z_sampled = self.sample_z_sem(num_samples, T, generator)
                 samples = self.decode(reference_noise, z_sampled, T)
                 uncond_cache[T] = samples
                 rows.append({"model": "DiffAE (latent DDIM + decoder)", "T": T, "fid": self._fid(samples, real)})
@@ -677,7 +677,6 @@ class Evaluation:
             "fid_unconditional": self._fid(naive, real),
         }
 
-
     # -- 6. latent DDIM in z_sem space -------------------------------------------------------------------------
 
     def latent(self, steps: Sequence[int], num_samples: int = 1024) -> Dict:
@@ -695,20 +694,18 @@ class Evaluation:
         if pipe.latent_denoiser is None or pipe.latent_scheduler is None:
             return {"skipped": "skipped: the pipeline has no latent_denoiser / latent_scheduler"}
         _log(f"latent DDIM in z_sem space ({num_samples} samples, T in {list(steps)})")
-        normalize = pipe.latent_denoiser.normalize_z_sem
-        test = normalize(self.z_sem.double())
-        train = normalize(self.train_z_sem.double()) if self.train_data is not None else None
+        denoiser = pipe.latent_denoiser
+
+        def normalize(z_sem: torch.Tensor) -> torch.Tensor:  # in float64 on the CPU, whatever the device
+            return denoiser.normalize_z_sem(z_sem.double().to(denoiser.device)).cpu()
+
+        test = normalize(self.z_sem)
+        train = normalize(self.train_z_sem) if self.train_data is not None else None
         test_nearest = torch.cdist(test, train).min(dim=1).values if train is not None else None
         generator = torch.Generator().manual_seed(self.seed + 3)
         rows = []
         for T in steps:
-            sampled = torch.cat(
-                [
-                    pipe.sample_z_sem(min(self.batch_size, num_samples - s), T, generator=generator).double().cpu()
-                    for s in range(0, num_samples, self.batch_size)
-                ]
-            )
-            sampled = normalize(sampled)
+            sampled = normalize(self.sample_z_sem(num_samples, T, generator))
             row = {"T": T, "frechet_to_test": metrics.fid_from_features(sampled.numpy(), test.numpy())}
             if train is not None:
                 nearest = torch.cdist(sampled, train).min(dim=1).values
