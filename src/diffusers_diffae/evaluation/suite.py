@@ -702,6 +702,7 @@ class Evaluation:
         test = normalize(self.z_sem)
         train = normalize(self.train_z_sem) if self.train_data is not None else None
         test_nearest = torch.cdist(test, train).min(dim=1).values if train is not None else None
+        copy_radius = test_nearest.quantile(0.05) if train is not None else None  # nearer than 95% of test codes
         generator = torch.Generator().manual_seed(self.seed + 3)
         rows = []
         for T in steps:
@@ -710,7 +711,7 @@ class Evaluation:
             if train is not None:
                 nearest = torch.cdist(sampled, train).min(dim=1).values
                 row["nearest_train_median"] = nearest.median().item()
-                row["near_copies"] = (nearest < test_nearest.quantile(0.05)).double().mean().item()
+                row["near_copies"] = (nearest < copy_radius).double().mean().item()
             rows.append(row)
         out = {"num_samples": num_samples, "num_test_codes": int(test.shape[0]), "rows": rows}
         if train is not None:
