@@ -441,6 +441,41 @@ def test_edit_claim_is_judged_on_the_probes_moving_toward_the_goal():
     assert claim(0.85)["holds"] is False
 
 
+def test_edits_can_be_limited_to_the_images_an_attribute_applies_to(tmp_path):
+    import datasets
+
+    pipe = _pipeline()
+    pipe.save_pretrained(tmp_path / "pipe")
+    _tiny_dataset(tmp_path / "data")
+    argv = [
+        "--pipeline", str(tmp_path / "pipe"),
+        "--dataset", str(tmp_path / "data"),
+        "--output", str(tmp_path / "out"),
+        "--sections", "manipulation",
+        "--attributes", "red",
+        "--max_images", "16",
+        "--max_train_images", "30",
+        "--edit_steps", "2",
+    ]  # fmt: skip
+    test = datasets.load_from_disk(str(tmp_path / "data"))["test"]
+    red, bright = np.array(test["red"]), np.array(test["bright"]) == 1
+    results = run(build_parser().parse_args(argv + ["--edit_where", "bright"]), features=_ProjectionFeatures())
+    manip = results["manipulation"]
+    assert manip["where"] == "bright" and manip["edited_images"] == f"the {bright.sum()} test images where bright"
+    edits = manip["attributes"]["red"]
+    assert edits["to_positive"]["num_images"] == (~red & bright).sum()
+    assert edits["to_negative"]["num_images"] == (red & bright).sum()
+    claim = next(c for c in results["claims"] if c["claim"].startswith("Linear edits"))
+    assert "of images where bright)" in claim["claim"]
+    assert "edited: the" in (tmp_path / "out" / "evaluation.md").read_text()
+    # Without the selector every test image is edited; the selector is not probed as an attribute of its own.
+    full = run(build_parser().parse_args(argv), features=_ProjectionFeatures())["manipulation"]
+    assert full["where"] is None and full["attributes"]["red"]["to_positive"]["num_images"] == (~red).sum()
+    assert set(manip["attributes"]) == {"red"}
+    with pytest.raises(ValueError, match="selects none of the 16 test images"):
+        run(build_parser().parse_args(argv + ["--edit_where", "bright=7"]))
+
+
 def test_evaluation_command_reports_bad_input(tmp_path):
     pipe = _pipeline()
     pipe.save_pretrained(tmp_path / "pipe")

@@ -140,7 +140,8 @@ def markdown(results: Dict, title: str, plot_name: Optional[str], grid_name: Opt
             lines += [manip["skipped"] + ".", ""]
         else:
             lines += [
-                f"T={manip['T']}; probes trained on {manip['num_probe_train_images']} images of the other split. {manip['protocol']}.",
+                f"T={manip['T']}; edited: {manip.get('edited_images', 'all test images')}; probes trained on "
+                f"{manip['num_probe_train_images']} images of the other split. {manip['protocol']}.",
                 "",
             ]
             rows = []

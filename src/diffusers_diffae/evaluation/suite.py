@@ -15,7 +15,8 @@ Sections (paper map):
    slerp(x_T) paths of the baseline; distances in pixel MSE and, when available, Inception-v3 features.
 4. `manipulation` (§5.3, Appendix G): edits along the classifier direction to the Eq. 11 target; success measured
    by independent probes trained on another split (raw pixels; z_sem of the re-encoded edit), the change of the
-   other attributes, and how many pixels the edit touches.
+   other attributes, and how many pixels the edit touches; `--edit_where` limits the edits to the images an
+   attribute applies to (e.g. people).
 5. `sampling` (§5.6-5.7, Tables 3-4): FID of samples against the real images for every T: DiffAE (latent DDIM +
    decoder), the DDIM baseline, DiffAE decoding the real images' z_sem ("+autoencoding"), and few-shot
    conditional samples (rejection sampling with the classifier) against the real positives of their class.
@@ -497,7 +498,23 @@ class Evaluation:
 
     # -- 4. manipulation ------------------------------------------------------------------------------------------
 
-    def manipulation(self, attributes: Sequence[str], steps: int, strength: Optional[float] = None) -> Dict:
+    def manipulation(
+        self,
+        attributes: Sequence[str],
+        steps: int,
+        strength: Optional[float] = None,
+        where: Optional[str] = None,
+        where_mask: Optional[np.ndarray] = None,
+    ) -> Dict:
+        """Edits every test image not yet in the goal class; with `where`, only those whose 0/1 `where_mask` (N,)
+        is 1 (the images an attribute applies to, e.g. people for hair or gender edits)."""
+        if (where is None) != (where_mask is None):
+            raise ValueError("manipulation: give both `where` and `where_mask`, or neither")
+        if where_mask is not None and len(where_mask) != self.data.images.shape[0]:
+            raise ValueError(
+                f"manipulation: where_mask has {len(where_mask)} entries for {self.data.images.shape[0]} test images"
+            )
+        editable = np.ones(self.data.images.shape[0], bool) if where_mask is None else np.asarray(where_mask) == 1
         classifier = self.pipe.classifier
         if classifier is None:
             return {"skipped": "skipped: the pipeline has no classifier component"}
@@ -529,9 +546,9 @@ class Evaluation:
             train_labels = self.train_data.labels[attribute]
             entry = {}
             for goal, select in (("to_positive", labels == 0), ("to_negative", labels == 1)):
-                idx = torch.from_numpy(np.flatnonzero(select))
+                idx = torch.from_numpy(np.flatnonzero(select & editable))
                 if len(idx) == 0:
-                    entry[goal] = {"skipped": "skipped: no test image starts on this side"}
+                    entry[goal] = {"skipped": "skipped: no edited test image starts on this side"}
                     continue
                 goal_label = 1 if goal == "to_positive" else 0
                 kwargs = {}
@@ -585,6 +602,8 @@ class Evaluation:
             results[attribute] = entry
         return {
             "num_test_images": int(self.data.images.shape[0]),
+            "edited_images": f"the {int(editable.sum())} test images where {where}" if where else "all test images",
+            "where": where,
             "num_probe_train_images": int(self.train_data.images.shape[0]),
             "T": steps,
             "protocol": "edit = pipeline.edit with the inverted x_T kept; success = an independent logistic probe "
@@ -824,6 +843,7 @@ def check_claims(results: Dict) -> List[Dict]:
                 "; ".join(f"{s}: {ppl['DiffAE'][s]:.4g} vs {ppl['DDIM baseline'][s]:.4g}" for s in spaces),
             )
         )
+    where = results.get("manipulation", {}).get("where")
     manip = results.get("manipulation", {}).get("attributes", {})
     edits = [
         (f"{a} {goal}", row)
@@ -835,7 +855,7 @@ def check_claims(results: Dict) -> List[Dict]:
         claims.append(
             _claim(
                 "Linear edits of z_sem move the target attribute the intended way (project target: both held-out "
-                "probes' scores move toward the goal for >= 90% of images)",
+                f"probes' scores move toward the goal for >= 90% of images{f' where {where}' if where else ''})",
                 "§5.3, Appendix G",
                 all(min(r["pixels_probe_moved"], r["z_sem_probe_moved"]) >= 0.9 for _, r in edits),
                 "; ".join(
@@ -960,6 +980,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--edit_strength", type=float, default=None, help="Fixed edit strength alpha instead of the Eq. 11 target."
     )
+    p.add_argument(
+        "--edit_where",
+        default=None,
+        help="Binary column (or column=value) selecting the test images to edit, e.g. is_person: hair, gender or skin "
+        "edits are defined on people only, as the paper's test sets hold only faces (default: every test image).",
+    )
     p.add_argument("--num_samples", type=int, default=64, help="Generated images per FID row.")
     p.add_argument("--latent_samples", type=int, default=1024, help="Sampled codes per T in the latent section.")
     p.add_argument(
@@ -1017,9 +1043,22 @@ def run(args: argparse.Namespace, features: Optional[Callable] = None, features_
             module.eval()
     baseline = load_baseline(args.baseline, pipe) if args.baseline else None
     _log(f"loading {args.split!r} images from {args.dataset}")
+    where = args.edit_where if "manipulation" in sections else None
+    extra = [where] if where and where not in attributes else []
     data = load_images(
-        pipe, load_dataset_split(args.dataset, args.split), args.image_column, attributes, args.max_images, args.seed
+        pipe,
+        load_dataset_split(args.dataset, args.split),
+        args.image_column,
+        attributes + extra,
+        args.max_images,
+        args.seed,
     )
+    # The edit selector is read with the labels (same draw of images) but is not an attribute to probe.
+    where_mask = None
+    if where:
+        where_mask = data.labels.pop(where) if extra else data.labels[where]
+    if where_mask is not None and not where_mask.any():
+        raise ValueError(f"--edit_where {where!r} selects none of the {len(where_mask)} test images")
     train_data = None
     if {"manipulation", "reconstruction", "latent"} & set(sections) and args.train_split:
         train = load_dataset_split(args.dataset, args.train_split)
@@ -1077,7 +1116,9 @@ def run(args: argparse.Namespace, features: Optional[Callable] = None, features_
         )
     if "manipulation" in sections:
         edit_attributes = parse_list(args.edit_attributes) if args.edit_attributes is not None else attributes
-        results["manipulation"] = evaluation.manipulation(edit_attributes, args.edit_steps, args.edit_strength)
+        results["manipulation"] = evaluation.manipulation(
+            edit_attributes, args.edit_steps, args.edit_strength, where, where_mask
+        )
     if "sampling" in sections:
         results["sampling"] = evaluation.sampling(
             steps, args.num_samples, parse_list(args.conditional_attributes), args.conditional_steps
