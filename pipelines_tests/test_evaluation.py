@@ -119,6 +119,24 @@ def test_linear_probe_separable_and_random_labels():
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def test_grouped_probe_folds_keep_near_copies_on_one_side():
+    """Ten near-copies per group and a label fixed per group but unrelated to any direction shared across groups:
+    random folds let the probe recognise the group (high AUROC); grouped folds leave it at chance."""
+    rng = np.random.default_rng(0)
+    num_groups, copies = 40, 10
+    centres = rng.normal(size=(num_groups, 64))
+    groups = np.repeat(np.arange(num_groups), copies)
+    features = torch.from_numpy(centres[groups] + 0.05 * rng.normal(size=(len(groups), 64)))
+    labels = np.repeat(rng.permutation(np.arange(num_groups) % 2), copies)
+    assert metrics.linear_probe_auroc(features, labels, num_folds=5) > 0.95
+    assert abs(metrics.linear_probe_auroc(features, labels, num_folds=5, groups=groups) - 0.5) < 0.2
+    folds = metrics._group_folds(labels, groups, 5, np.random.default_rng(0))
+    assert all(len(set(folds[groups == g])) == 1 for g in range(num_groups))
+    assert sorted(np.bincount(folds)) == [80] * 5  # 40 groups dealt evenly, positives first
+    with pytest.raises(ValueError, match="3 groups with 20 positives are too few for 5 folds"):
+        metrics.linear_probe_auroc(features[:30], labels[:30], num_folds=5, groups=groups[:30])
+
+
 def test_frechet_distance_against_scipy_closed_form():
     scipy_linalg = pytest.importorskip("scipy.linalg")
     rng = np.random.default_rng(0)
@@ -474,6 +492,38 @@ def test_edits_can_be_limited_to_the_images_an_attribute_applies_to(tmp_path):
     assert set(manip["attributes"]) == {"red"}
     with pytest.raises(ValueError, match="selects none of the 16 test images"):
         run(build_parser().parse_args(argv + ["--edit_where", "bright=7"]))
+    # Each judging probe's AUROC on the real images it judges is reported next to the edits.
+    judges = manip["attributes"]["red"]["judge_auroc"]
+    assert set(judges) == {"pixels", "z_sem"} and all(v is None or 0 <= v <= 1 for v in judges.values())
+    assert "How well each judging probe" in (tmp_path / "out" / "evaluation.md").read_text()
+
+
+def test_representation_folds_can_keep_groups_whole(tmp_path):
+    pipe = _pipeline()
+    pipe.save_pretrained(tmp_path / "pipe")
+    _tiny_dataset(tmp_path / "data")
+    argv = [
+        "--pipeline", str(tmp_path / "pipe"),
+        "--dataset", str(tmp_path / "data"),
+        "--output", str(tmp_path / "out"),
+        "--sections", "representation",
+        "--attributes", "red",
+        "--max_images", "16",
+        "--max_train_images", "30",
+        "--probe_steps", "2",
+        "--probe_folds", "2",
+    ]  # fmt: skip
+    rep = run(build_parser().parse_args(argv + ["--probe_groups", "bright"]))["representation"]
+    assert rep["groups"] == "bright" and "whole groups of `bright`" in rep["protocol"]
+    assert 0 <= rep["attributes"]["red"]["z_sem"] <= 1
+    # Probes fitted on the train split and scored on the test images: red is plain in the pixels of this toy data.
+    assert rep["num_probe_train_images"] == 30 and rep["held_out"]["red"]["pixels"] > 0.9
+    assert "images of the other split, AUROC on the test" in (tmp_path / "out" / "evaluation.md").read_text()
+    # Two groups cannot fill three folds: the attribute is skipped with the reason, the run goes on.
+    rep = run(build_parser().parse_args(argv + ["--probe_groups", "bright", "--probe_folds", "3"]))["representation"]
+    assert "too few for 3 folds" in rep["attributes"]["red"]["skipped"]
+    with pytest.raises(ValueError, match=r"no column\(s\) \['family'\]"):
+        run(build_parser().parse_args(argv + ["--probe_groups", "family"]))
 
 
 def test_evaluation_command_reports_bad_input(tmp_path):

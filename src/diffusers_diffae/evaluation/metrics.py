@@ -167,13 +167,31 @@ def probe_scores(features: torch.Tensor, probe) -> torch.Tensor:
     return ((x - mean) / std) @ w + b
 
 
+def _group_folds(y: np.ndarray, groups, num_folds: int, rng: np.random.Generator) -> np.ndarray:
+    """Fold index (N,) per example that keeps every group in one fold: groups holding a positive are dealt
+    round-robin after a seeded shuffle, then the others, so the positives spread over the folds."""
+    groups = np.asarray(groups)
+    if groups.shape != y.shape:
+        raise ValueError(f"groups must have one entry per example ({len(y)}), got shape {groups.shape}")
+    names, index = np.unique(groups, return_inverse=True)
+    has_positive = np.bincount(index, weights=y, minlength=len(names)) > 0
+    group_fold = np.empty(len(names), dtype=np.int64)
+    dealt = 0
+    for members in (np.flatnonzero(has_positive), np.flatnonzero(~has_positive)):
+        members = rng.permutation(members)
+        group_fold[members] = (dealt + np.arange(len(members))) % num_folds
+        dealt += len(members)
+    return group_fold[index]
+
+
 def linear_probe_scores(
-    features: torch.Tensor, labels, num_folds: int = 5, seed: int = 0, l2: float = 1e-3
+    features: torch.Tensor, labels, num_folds: int = 5, seed: int = 0, l2: float = 1e-3, groups=None
 ) -> np.ndarray:
     """Out-of-fold logits of a k-fold cross-validated linear probe. features: (N, ...), labels: (N,). Returns (N,).
 
     Folds are stratified (positives and negatives are dealt round-robin after a seeded shuffle), so every fold
-    sees both classes whenever each class has at least `num_folds` members.
+    sees both classes whenever each class has at least `num_folds` members. With `groups` (N,), whole groups are
+    dealt instead (see `_group_folds`), for data with near-copies of one example.
     """
     y = _as_binary_labels(labels)
     n = len(y)
@@ -185,10 +203,20 @@ def linear_probe_scores(
             f"{int(y.sum())} positives and {int(n - y.sum())} negatives"
         )
     rng = np.random.default_rng(seed)
-    fold = np.empty(n, dtype=np.int64)
-    for cls in (0, 1):
-        members = rng.permutation(np.flatnonzero(y == cls))
-        fold[members] = np.arange(len(members)) % num_folds
+    if groups is not None:
+        fold = _group_folds(y, groups, num_folds, rng)
+        for k in range(num_folds):
+            train = y[fold != k]
+            if len(train) == 0 or (fold == k).sum() == 0 or train.min() == train.max():
+                raise ValueError(
+                    f"grouped cross-validation: fold {k} is empty or leaves one class out of training; "
+                    f"{len(np.unique(groups))} groups with {int(y.sum())} positives are too few for {num_folds} folds"
+                )
+    else:
+        fold = np.empty(n, dtype=np.int64)
+        for cls in (0, 1):
+            members = rng.permutation(np.flatnonzero(y == cls))
+            fold[members] = np.arange(len(members)) % num_folds
     x = torch.as_tensor(features).reshape(n, -1)
     scores = np.empty(n, dtype=np.float64)
     for k in range(num_folds):
@@ -198,9 +226,12 @@ def linear_probe_scores(
     return scores
 
 
-def linear_probe_auroc(features: torch.Tensor, labels, num_folds: int = 5, seed: int = 0, l2: float = 1e-3) -> float:
+def linear_probe_auroc(
+    features: torch.Tensor, labels, num_folds: int = 5, seed: int = 0, l2: float = 1e-3, groups=None
+) -> float:
     """AUROC of the pooled out-of-fold scores of a cross-validated linear probe (see `linear_probe_scores`)."""
-    return auroc(linear_probe_scores(features, labels, num_folds=num_folds, seed=seed, l2=l2), labels)
+    scores = linear_probe_scores(features, labels, num_folds=num_folds, seed=seed, l2=l2, groups=groups)
+    return auroc(scores, labels)
 
 
 # ---------------------------------------------------------------------------------------------------------------

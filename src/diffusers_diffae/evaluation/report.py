@@ -113,6 +113,16 @@ def markdown(results: Dict, title: str, plot_name: Optional[str], grid_name: Opt
             if rep["mean"]:
                 rows.append(["**mean**", ""] + [rep["mean"][s] for s in spaces])
             lines += _table(["attribute", "pos/neg"] + spaces, rows)
+            if rep.get("held_out"):
+                lines += [
+                    f"Probes fitted on {rep['num_probe_train_images']} images of the other split, AUROC on the test "
+                    "images:",
+                    "",
+                ]
+                lines += _table(
+                    ["attribute", "z_sem", "pixels"],
+                    [[a, v["z_sem"], v["pixels"]] for a, v in rep["held_out"].items()],
+                )
 
     interp = results.get("interpolation")
     if interp:
@@ -150,6 +160,8 @@ def markdown(results: Dict, title: str, plot_name: Optional[str], grid_name: Opt
                     rows.append([attribute, "", entry["skipped"]] + [None] * 9)
                     continue
                 for goal, row in entry.items():
+                    if goal == "judge_auroc":
+                        continue
                     if "skipped" in row:
                         rows.append([attribute, goal, row["skipped"]] + [None] * 9)
                         continue
@@ -184,6 +196,17 @@ def markdown(results: Dict, title: str, plot_name: Optional[str], grid_name: Opt
                 "pixels changed > 0.1",
             ]
             lines += _table(header, rows)
+            judges = [(a, e["judge_auroc"]) for a, e in manip["attributes"].items() if "judge_auroc" in e]
+            if judges:
+                lines += [
+                    "How well each judging probe tells the attribute on the real (unedited) images whose edits it "
+                    "judges (AUROC; near 0.5 the judge cannot tell whether an edit moved the attribute):",
+                    "",
+                ]
+                lines += _table(
+                    ["attribute", "pixel probe AUROC", "z_sem probe AUROC"],
+                    [[a, j["pixels"], j["z_sem"]] for a, j in judges],
+                )
 
     samp = results.get("sampling")
     if samp:

@@ -55,10 +55,12 @@ SECTIONS = ("reconstruction", "representation", "interpolation", "manipulation",
 
 @dataclass
 class EvaluationData:
-    """Images (N, C, H, W) in [0, 1] at the model's resolution, and binary labels (N,) per attribute."""
+    """Images (N, C, H, W) in [0, 1] at the model's resolution, binary labels (N,) per attribute, and raw values (N,)
+    of other columns the evaluation needs (the probes' groups, the edits' selector)."""
 
     images: torch.Tensor
     labels: Dict[str, np.ndarray] = field(default_factory=dict)
+    columns: Dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -117,9 +119,12 @@ def load_images(
     attributes: Sequence[str] = (),
     max_images: Optional[int] = None,
     seed: int = 0,
+    columns: Sequence[str] = (),
 ) -> EvaluationData:
-    """Draws up to `max_images` examples (seeded shuffle) and preprocesses them like the pipeline does."""
-    missing = [c for c in [image_column] + [a.split("=", 1)[0] for a in attributes] if c not in dataset.column_names]
+    """Draws up to `max_images` examples (seeded shuffle) and preprocesses them like the pipeline does; `attributes`
+    become binary labels, `columns` are kept as they are."""
+    wanted = [image_column] + [a.split("=", 1)[0] for a in attributes] + list(columns)
+    missing = [c for c in wanted if c not in dataset.column_names]
     if missing:
         raise ValueError(f"dataset has no column(s) {missing}; it has {dataset.column_names}")
     order = np.random.default_rng(seed).permutation(len(dataset))
@@ -131,7 +136,8 @@ def load_images(
         pil = subset[start : start + 64][image_column]
         chunks.append((pipe.preprocess(list(pil)) + 1) / 2)
     labels = {spec: binary_labels(subset[spec.split("=", 1)[0]], spec) for spec in attributes}
-    return EvaluationData(images=torch.cat(chunks).clamp(0, 1), labels=labels)
+    extra = {c: np.asarray(subset[c]) for c in columns}
+    return EvaluationData(images=torch.cat(chunks).clamp(0, 1), labels=labels, columns=extra)
 
 
 def load_pipeline(path: str) -> DiffAEPipeline:
@@ -414,10 +420,15 @@ class Evaluation:
 
     # -- 2. representation ----------------------------------------------------------------------------------------
 
-    def representation(self, steps: int, num_folds: int = 5) -> Dict:
+    def representation(self, steps: int, num_folds: int = 5, groups: Optional[str] = None) -> Dict:
+        """Cross-validated probes; with `groups` (a column in `data.columns`) every fold holds out whole groups, so
+        near-copies of one image (e.g. the skin-tone variants of one emoji) never sit on both sides of a fold."""
         if not self.data.labels:
             return {"skipped": "skipped: no --attributes given"}
-        _log(f"representation (x_T with T={steps}, {num_folds}-fold probes)")
+        group_values = self.data.columns[groups] if groups else None
+        _log(
+            f"representation (x_T with T={steps}, {num_folds}-fold probes{f', grouped by {groups}' if groups else ''})"
+        )
         spaces = {"z_sem": self.z_sem, "x_T": self.x_T(steps), "pixels": self.data.images}
         if self.baseline is not None:
             spaces["baseline x_T"] = self.baseline_x_T(steps)
@@ -428,15 +439,40 @@ class Evaluation:
             if min(positives, len(labels) - positives) < num_folds:
                 entry["skipped"] = f"skipped: fewer than {num_folds} examples of one class among the test images"
             else:
-                for space, feats in spaces.items():
-                    entry[space] = metrics.linear_probe_auroc(feats, labels, num_folds=num_folds, seed=self.seed)
+                try:
+                    for space, feats in spaces.items():
+                        entry[space] = metrics.linear_probe_auroc(
+                            feats, labels, num_folds=num_folds, seed=self.seed, groups=group_values
+                        )
+                except ValueError as e:  # too few groups of one class for the folds
+                    entry = {
+                        "positives": entry["positives"],
+                        "negatives": entry["negatives"],
+                        "skipped": f"skipped: {e}",
+                    }
             results[name] = entry
         measured = [r for r in results.values() if "skipped" not in r]
         mean = {s: float(np.mean([r[s] for r in measured])) for s in spaces} if measured else {}
+        # The paper's probes are fitted on one part of the data and scored on the rest (Appendix E): here the probes
+        # fitted on the other split, scored on the test images (z_sem and pixels; x_T would need the other split
+        # inverted).
+        held_out = {
+            name: {
+                space: metrics.auroc(metrics.probe_scores(feats, self.probes[name][space]).numpy(), labels)
+                for space, feats in (("z_sem", self.z_sem), ("pixels", self.data.images))
+            }
+            for name, labels in self.data.labels.items()
+            if name in self.probes and 0 < labels.sum() < len(labels)
+        }
         return {
             "num_images": int(self.data.images.shape[0]),
             "protocol": f"logistic regression on z-normalised features, L2 1e-3, L-BFGS; AUROC of pooled out-of-fold "
-            f"scores, {num_folds} stratified folds; x_T inverted with T={steps}",
+            f"scores, {num_folds} stratified folds"
+            + (f" of whole groups of `{groups}`" if groups else " of single images")
+            + f"; x_T inverted with T={steps}",
+            "groups": groups,
+            "held_out": held_out,
+            "num_probe_train_images": int(self.train_data.images.shape[0]) if self.train_data is not None else 0,
             "x_T_steps": steps,
             "attributes": results,
             "mean": mean,
@@ -544,7 +580,17 @@ class Evaluation:
             index = classifier.attribute_index(attribute)
             labels = self.data.labels[attribute]
             train_labels = self.train_data.labels[attribute]
-            entry = {}
+            # How well each judge tells the attribute on the real images it will judge edits of: a judge near 0.5
+            # there cannot say whether an edit moved the attribute.
+            judged, mask = labels[editable], torch.from_numpy(editable)
+            entry = {
+                "judge_auroc": {
+                    space: metrics.auroc(metrics.probe_scores(feats[mask], probes[attribute][space]).numpy(), judged)
+                    if 0 < judged.sum() < len(judged)
+                    else None
+                    for space, feats in (("pixels", self.data.images), ("z_sem", self.z_sem))
+                }
+            }
             for goal, select in (("to_positive", labels == 0), ("to_negative", labels == 1)):
                 idx = torch.from_numpy(np.flatnonzero(select & editable))
                 if len(idx) == 0:
@@ -829,7 +875,9 @@ def check_claims(results: Dict) -> List[Dict]:
                 "A linear probe on z_sem predicts attributes better than on x_T or raw pixels",
                 "Appendix E, Table 8",
                 all(mean["z_sem"] > v for v in others.values()),
-                f"mean AUROC z_sem {mean['z_sem']:.3f}; " + ", ".join(f"{k} {v:.3f}" for k, v in others.items()),
+                f"mean AUROC z_sem {mean['z_sem']:.3f}; "
+                + ", ".join(f"{k} {v:.3f}" for k, v in others.items())
+                + (f" (folds of whole `{rep['groups']}` groups)" if rep.get("groups") else ""),
             )
         )
     ppl = results.get("interpolation", {}).get("ppl", {})
@@ -968,6 +1016,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--probe_steps", type=int, default=20, help="DDIM steps of the x_T inversion for the linear probes."
     )
     p.add_argument("--probe_folds", type=int, default=5, help="Cross-validation folds of the linear probes.")
+    p.add_argument(
+        "--probe_groups",
+        default=None,
+        help="Column whose groups the probes' folds keep whole (e.g. base_unified for emoji: the skin-tone and "
+        "vendor variants of one emoji are near-copies, and random folds let a probe recognise them instead of the "
+        "attribute).",
+    )
     p.add_argument("--interpolation_pairs", type=int, default=16, help="Image pairs for the path length.")
     p.add_argument("--interpolation_steps", type=int, default=20, help="DDIM steps for interpolation (official: 20).")
     p.add_argument("--ppl_epsilon", type=float, default=1e-2, help="Step along the interpolation path.")
@@ -1044,23 +1099,22 @@ def run(args: argparse.Namespace, features: Optional[Callable] = None, features_
     baseline = load_baseline(args.baseline, pipe) if args.baseline else None
     _log(f"loading {args.split!r} images from {args.dataset}")
     where = args.edit_where if "manipulation" in sections else None
-    extra = [where] if where and where not in attributes else []
+    groups = args.probe_groups if "representation" in sections else None
+    columns = list(dict.fromkeys(c for c in (where.split("=", 1)[0] if where else None, groups) if c))
     data = load_images(
         pipe,
         load_dataset_split(args.dataset, args.split),
         args.image_column,
-        attributes + extra,
+        attributes,
         args.max_images,
         args.seed,
+        columns,
     )
-    # The edit selector is read with the labels (same draw of images) but is not an attribute to probe.
-    where_mask = None
-    if where:
-        where_mask = data.labels.pop(where) if extra else data.labels[where]
+    where_mask = binary_labels(data.columns[where.split("=", 1)[0]], where) if where else None
     if where_mask is not None and not where_mask.any():
         raise ValueError(f"--edit_where {where!r} selects none of the {len(where_mask)} test images")
     train_data = None
-    if {"manipulation", "reconstruction", "latent"} & set(sections) and args.train_split:
+    if {"manipulation", "reconstruction", "latent", "representation"} & set(sections) and args.train_split:
         train = load_dataset_split(args.dataset, args.train_split)
         train_data = load_images(pipe, train, args.image_column, attributes, args.max_train_images, args.seed)
 
@@ -1109,7 +1163,7 @@ def run(args: argparse.Namespace, features: Optional[Callable] = None, features_
     if "reconstruction" in sections:
         results["reconstruction"] = evaluation.reconstruction(steps)
     if "representation" in sections:
-        results["representation"] = evaluation.representation(args.probe_steps, args.probe_folds)
+        results["representation"] = evaluation.representation(args.probe_steps, args.probe_folds, groups)
     if "interpolation" in sections:
         results["interpolation"] = evaluation.interpolation(
             args.interpolation_steps, args.interpolation_pairs, args.ppl_epsilon
