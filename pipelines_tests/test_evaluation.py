@@ -459,22 +459,27 @@ def test_edit_claim_is_judged_on_the_probes_moving_toward_the_goal():
     assert claim(0.85)["holds"] is False
 
 
-def test_edits_can_be_limited_to_the_images_an_attribute_applies_to(tmp_path):
-    import datasets
-
-    pipe = _pipeline()
-    pipe.save_pretrained(tmp_path / "pipe")
+def _section_argv(tmp_path, section, *extra):
+    """Saves the tiny pipeline and dataset under `tmp_path`; returns the arguments that evaluate one section on them
+    for the attribute `red`."""
+    _pipeline().save_pretrained(tmp_path / "pipe")
     _tiny_dataset(tmp_path / "data")
-    argv = [
+    return [
         "--pipeline", str(tmp_path / "pipe"),
         "--dataset", str(tmp_path / "data"),
         "--output", str(tmp_path / "out"),
-        "--sections", "manipulation",
+        "--sections", section,
         "--attributes", "red",
         "--max_images", "16",
         "--max_train_images", "30",
-        "--edit_steps", "2",
+        *extra,
     ]  # fmt: skip
+
+
+def test_edits_can_be_limited_to_the_images_an_attribute_applies_to(tmp_path):
+    import datasets
+
+    argv = _section_argv(tmp_path, "manipulation", "--edit_steps", "2")
     test = datasets.load_from_disk(str(tmp_path / "data"))["test"]
     red, bright = np.array(test["red"]), np.array(test["bright"]) == 1
     results = run(build_parser().parse_args(argv + ["--edit_where", "bright"]), features=_ProjectionFeatures())
@@ -499,20 +504,7 @@ def test_edits_can_be_limited_to_the_images_an_attribute_applies_to(tmp_path):
 
 
 def test_representation_folds_can_keep_groups_whole(tmp_path):
-    pipe = _pipeline()
-    pipe.save_pretrained(tmp_path / "pipe")
-    _tiny_dataset(tmp_path / "data")
-    argv = [
-        "--pipeline", str(tmp_path / "pipe"),
-        "--dataset", str(tmp_path / "data"),
-        "--output", str(tmp_path / "out"),
-        "--sections", "representation",
-        "--attributes", "red",
-        "--max_images", "16",
-        "--max_train_images", "30",
-        "--probe_steps", "2",
-        "--probe_folds", "2",
-    ]  # fmt: skip
+    argv = _section_argv(tmp_path, "representation", "--probe_steps", "2", "--probe_folds", "2")
     rep = run(build_parser().parse_args(argv + ["--probe_groups", "bright"]))["representation"]
     assert rep["groups"] == "bright" and "whole groups of `bright`" in rep["protocol"]
     assert 0 <= rep["attributes"]["red"]["z_sem"] <= 1
