@@ -107,9 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument(
         "--max_train_steps",
         type=int,
-        default=3000,
-        help="Adam steps over the cached codes (the official full-label classifiers see 300,000 codes: 9,375 steps "
-        "at batch 32).",
+        default=9375,
+        help="Adam steps over the cached codes (default: the official full-label classifiers' 300,000 codes, 9,375 "
+        "steps at batch 32).",
     )
     group.add_argument("--seed", type=int, default=0)
 
