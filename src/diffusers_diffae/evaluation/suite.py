@@ -370,13 +370,17 @@ class Evaluation:
             row["lpips"] = _mean(torch.cat([self.lpips(recon[s], target[s]) for s in self._batches(len(target))]))
         return row
 
-    def _attribute_aurocs(self, images: torch.Tensor) -> Dict[str, float]:
-        """AUROC against the test labels of each pixel probe's scores on `images` (N, C, H, W): how well the
-        attributes of the test images can still be read off these images."""
+    def _attribute_aurocs(
+        self, features: torch.Tensor, space: str = "pixels", select: Optional[np.ndarray] = None
+    ) -> Dict[str, float]:
+        """AUROC against the test labels of each `space` probe's scores on `features` (N, ...) of the test images, or
+        of the ones the bool mask `select` (N_test,) picks: how well their attributes can be read off these features.
+        Attributes with one class among those images are left out."""
         out = {}
         for name, labels in self.data.labels.items():
+            labels = labels if select is None else labels[select]
             if name in self.probes and 0 < labels.sum() < len(labels):
-                out[name] = metrics.auroc(metrics.probe_scores(images, self.probes[name]["pixels"]).numpy(), labels)
+                out[name] = metrics.auroc(metrics.probe_scores(features, self.probes[name][space]).numpy(), labels)
         return out
 
     def reconstruction(self, steps: Sequence[int]) -> Dict:
@@ -456,14 +460,8 @@ class Evaluation:
         # The paper's probes are fitted on one part of the data and scored on the rest (Appendix E): here the probes
         # fitted on the other split, scored on the test images (z_sem and pixels; x_T would need the other split
         # inverted).
-        held_out = {
-            name: {
-                space: metrics.auroc(metrics.probe_scores(feats, self.probes[name][space]).numpy(), labels)
-                for space, feats in (("z_sem", self.z_sem), ("pixels", self.data.images))
-            }
-            for name, labels in self.data.labels.items()
-            if name in self.probes and 0 < labels.sum() < len(labels)
-        }
+        by_space = {s: self._attribute_aurocs(f, s) for s, f in (("z_sem", self.z_sem), ("pixels", self.data.images))}
+        held_out = {name: {s: by_space[s][name] for s in by_space} for name in by_space["z_sem"]}
         return {
             "num_images": int(self.data.images.shape[0]),
             "protocol": f"logistic regression on z-normalised features, L2 1e-3, L-BFGS; AUROC of pooled out-of-fold "
@@ -572,6 +570,13 @@ class Evaluation:
         recon_z = self.encode_z_sem(recon)
         with torch.no_grad():
             train_logits = classifier(train_z.to(classifier.device, classifier.dtype)).logits.float().cpu()
+        # How well each judge tells the attributes on the real images whose edits it judges: a judge near 0.5 there
+        # cannot say whether an edit moved the attribute.
+        mask = torch.from_numpy(editable)
+        judges = {
+            s: self._attribute_aurocs(f[mask], s, editable)
+            for s, f in (("pixels", self.data.images), ("z_sem", self.z_sem))
+        }
         results = {}
         for attribute in targets:
             if attribute not in probes:
@@ -580,17 +585,7 @@ class Evaluation:
             index = classifier.attribute_index(attribute)
             labels = self.data.labels[attribute]
             train_labels = self.train_data.labels[attribute]
-            # How well each judge tells the attribute on the real images it will judge edits of: a judge near 0.5
-            # there cannot say whether an edit moved the attribute.
-            judged, mask = labels[editable], torch.from_numpy(editable)
-            entry = {
-                "judge_auroc": {
-                    space: metrics.auroc(metrics.probe_scores(feats[mask], probes[attribute][space]).numpy(), judged)
-                    if 0 < judged.sum() < len(judged)
-                    else None
-                    for space, feats in (("pixels", self.data.images), ("z_sem", self.z_sem))
-                }
-            }
+            entry = {"judge_auroc": {s: judges[s].get(attribute) for s in judges}}
             for goal, select in (("to_positive", labels == 0), ("to_negative", labels == 1)):
                 idx = torch.from_numpy(np.flatnonzero(select & editable))
                 if len(idx) == 0:
@@ -1100,7 +1095,8 @@ def run(args: argparse.Namespace, features: Optional[Callable] = None, features_
     _log(f"loading {args.split!r} images from {args.dataset}")
     where = args.edit_where if "manipulation" in sections else None
     groups = args.probe_groups if "representation" in sections else None
-    columns = list(dict.fromkeys(c for c in (where.split("=", 1)[0] if where else None, groups) if c))
+    where_column = where.split("=", 1)[0] if where else None
+    columns = list(dict.fromkeys(c for c in (where_column, groups) if c))
     data = load_images(
         pipe,
         load_dataset_split(args.dataset, args.split),
@@ -1110,7 +1106,7 @@ def run(args: argparse.Namespace, features: Optional[Callable] = None, features_
         args.seed,
         columns,
     )
-    where_mask = binary_labels(data.columns[where.split("=", 1)[0]], where) if where else None
+    where_mask = binary_labels(data.columns[where_column], where) if where else None
     if where_mask is not None and not where_mask.any():
         raise ValueError(f"--edit_where {where!r} selects none of the {len(where_mask)} test images")
     train_data = None
