@@ -498,7 +498,7 @@ def test_edits_can_be_limited_to_the_images_an_attribute_applies_to(tmp_path):
     with pytest.raises(ValueError, match="selects none of the 16 test images"):
         run(build_parser().parse_args(argv + ["--edit_where", "bright=7"]))
     # Each judging probe's AUROC on the real images it judges is reported next to the edits.
-    judges = manip["attributes"]["red"]["judge_auroc"]
+    judges = manip["judge_auroc"]["red"]
     assert set(judges) == {"pixels", "z_sem"} and all(v is None or 0 <= v <= 1 for v in judges.values())
     assert "How well each judging probe" in (tmp_path / "out" / "evaluation.md").read_text()
 

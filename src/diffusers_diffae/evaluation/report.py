@@ -160,8 +160,6 @@ def markdown(results: Dict, title: str, plot_name: Optional[str], grid_name: Opt
                     rows.append([attribute, "", entry["skipped"]] + [None] * 9)
                     continue
                 for goal, row in entry.items():
-                    if goal == "judge_auroc":
-                        continue
                     if "skipped" in row:
                         rows.append([attribute, goal, row["skipped"]] + [None] * 9)
                         continue
@@ -196,7 +194,7 @@ def markdown(results: Dict, title: str, plot_name: Optional[str], grid_name: Opt
                 "pixels changed > 0.1",
             ]
             lines += _table(header, rows)
-            judges = [(a, e["judge_auroc"]) for a, e in manip["attributes"].items() if "judge_auroc" in e]
+            judges = manip.get("judge_auroc", {})
             if judges:
                 lines += [
                     "How well each judging probe tells the attribute on the real (unedited) images whose edits it "
@@ -205,7 +203,7 @@ def markdown(results: Dict, title: str, plot_name: Optional[str], grid_name: Opt
                 ]
                 lines += _table(
                     ["attribute", "pixel probe AUROC", "z_sem probe AUROC"],
-                    [[a, j["pixels"], j["z_sem"]] for a, j in judges],
+                    [[a, j["pixels"], j["z_sem"]] for a, j in judges.items()],
                 )
 
     samp = results.get("sampling")

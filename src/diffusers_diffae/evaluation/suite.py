@@ -577,7 +577,7 @@ class Evaluation:
             s: self._attribute_aurocs(f[mask], s, editable)
             for s, f in (("pixels", self.data.images), ("z_sem", self.z_sem))
         }
-        results = {}
+        results, judge_auroc = {}, {}
         for attribute in targets:
             if attribute not in probes:
                 results[attribute] = {"skipped": "skipped: the training split has only one class of this attribute"}
@@ -585,7 +585,8 @@ class Evaluation:
             index = classifier.attribute_index(attribute)
             labels = self.data.labels[attribute]
             train_labels = self.train_data.labels[attribute]
-            entry = {"judge_auroc": {s: judges[s].get(attribute) for s in judges}}
+            judge_auroc[attribute] = {s: judges[s].get(attribute) for s in judges}
+            entry = {}
             for goal, select in (("to_positive", labels == 0), ("to_negative", labels == 1)):
                 idx = torch.from_numpy(np.flatnonzero(select & editable))
                 if len(idx) == 0:
@@ -653,6 +654,7 @@ class Evaluation:
             "|change of probability| of the other attributes' z_sem probes; pixel change against the unedited "
             "reconstruction, changed = largest channel change > 0.1",
             "attributes": results,
+            "judge_auroc": judge_auroc,
         }
 
     # -- 5. sampling ----------------------------------------------------------------------------------------------
