@@ -373,9 +373,11 @@ class Evaluation:
     def _attribute_aurocs(
         self, features: torch.Tensor, space: str = "pixels", select: Optional[np.ndarray] = None
     ) -> Dict[str, float]:
-        """AUROC against the test labels of each `space` probe's scores on `features` (N, ...) of the test images, or
-        of the ones the bool mask `select` (N_test,) picks: how well their attributes can be read off these features.
-        Attributes with one class among those images are left out."""
+        """AUROC against the test labels of each `space` probe's scores on `features` (N_test, ...) of the test
+        images, or of the ones the bool mask `select` (N_test,) picks: how well their attributes can be read off these
+        features. Attributes with one class among those images are left out."""
+        if select is not None:
+            features = features[torch.from_numpy(select)]
         out = {}
         for name, labels in self.data.labels.items():
             labels = labels if select is None else labels[select]
@@ -572,10 +574,8 @@ class Evaluation:
             train_logits = classifier(train_z.to(classifier.device, classifier.dtype)).logits.float().cpu()
         # How well each judge tells the attributes on the real images whose edits it judges: a judge near 0.5 there
         # cannot say whether an edit moved the attribute.
-        mask = torch.from_numpy(editable)
         judges = {
-            s: self._attribute_aurocs(f[mask], s, editable)
-            for s, f in (("pixels", self.data.images), ("z_sem", self.z_sem))
+            s: self._attribute_aurocs(f, s, editable) for s, f in (("pixels", self.data.images), ("z_sem", self.z_sem))
         }
         results, judge_auroc = {}, {}
         for attribute in targets:
