@@ -459,6 +459,28 @@ def test_edit_claim_is_judged_on_the_probes_moving_toward_the_goal():
     assert claim(0.85)["holds"] is False
 
 
+def test_edit_claim_leaves_out_judges_that_cannot_tell_the_attribute():
+    row = {"pixels_probe_success": 0.1, "z_sem_probe_success": 0.1, "features_probe_success": 0.3}
+
+    def claim(pixels_moved, pixel_auroc, features_moved=0.95):
+        moved = {"pixels_probe_moved": pixels_moved, "z_sem_probe_moved": 0.92, "features_probe_moved": features_moved}
+        manip = {
+            "attributes": {"a": {"to_positive": dict(row, **moved)}},
+            "judge_auroc": {"a": {"pixels": pixel_auroc, "z_sem": 0.8, "features": 0.75}},
+        }
+        return next(c for c in check_claims({"manipulation": manip}) if c["claim"].startswith("Linear edits"))
+
+    # A pixel judge at chance among the edited images says nothing about the edit: it is shown, not counted.
+    blind = claim(0.6, 0.51)
+    assert blind["holds"] is True
+    assert blind["measured"] == (
+        "a to_positive: moved 60% / 92% / 95% (pixel / z_sem / feature probe; blind, not counted: pixel AUROC 0.51), "
+        "goal class reached 10% / 10% / 30%"
+    )
+    assert claim(0.6, 0.7)["holds"] is False  # a judge that can tell the attribute counts
+    assert claim(0.95, 0.9, features_moved=0.8)["holds"] is False  # so does the feature judge
+
+
 def _section_argv(tmp_path, section, *extra):
     """Saves the tiny pipeline and dataset under `tmp_path`; returns the arguments that evaluate one section on them
     for the attribute `red`."""
@@ -499,8 +521,20 @@ def test_edits_can_be_limited_to_the_images_an_attribute_applies_to(tmp_path):
         run(build_parser().parse_args(argv + ["--edit_where", "bright=7"]))
     # Each judging probe's AUROC on the real images it judges is reported next to the edits.
     judges = manip["judge_auroc"]["red"]
-    assert set(judges) == {"pixels", "z_sem"} and all(v is None or 0 <= v <= 1 for v in judges.values())
+    assert set(judges) == {"pixels", "z_sem", "features"} and all(v is None or 0 <= v <= 1 for v in judges.values())
     assert "How well each judging probe" in (tmp_path / "out" / "evaluation.md").read_text()
+    # The image-feature judge (here the stand-in network) scores the same edits as the other two.
+    assert manip["judges"]["features"] == _ProjectionFeatures.name
+    for row in edits.values():
+        assert 0 <= row["features_probe_moved"] <= 1 and 0 <= row["features_probe_success"] <= 1
+    report = (tmp_path / "out" / "evaluation.md").read_text()
+    assert "feature probe moved toward goal" in report and "feature probe AUROC" in report
+    # Without a feature network the two other judges remain and the report says why the third is missing.
+    plain = run(build_parser().parse_args(argv + ["--features", "none"]))["manipulation"]
+    assert plain["judges"]["features"] == "skipped: feature network disabled with --features none"
+    assert set(plain["judge_auroc"]["red"]) == {"pixels", "z_sem"}
+    assert "features_probe_moved" not in plain["attributes"]["red"]["to_positive"]
+    assert "feature probe" not in (tmp_path / "out" / "evaluation.md").read_text()
 
 
 def test_representation_folds_can_keep_groups_whole(tmp_path):

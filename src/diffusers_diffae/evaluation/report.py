@@ -9,6 +9,9 @@ import numpy as np
 import PIL.Image
 import torch
 
+# The probes that judge edits, by the space they read (see `Evaluation.manipulation`), and their names in the report.
+JUDGE_NAMES = {"pixels": "pixel", "z_sem": "z_sem", "features": "feature"}
+
 
 def _fmt(value, digits: int = 3) -> str:
     if value is None:
@@ -154,46 +157,33 @@ def markdown(results: Dict, title: str, plot_name: Optional[str], grid_name: Opt
                 f"{manip['num_probe_train_images']} images of the other split. {manip['protocol']}.",
                 "",
             ]
+            # The judges of this run: pixels and z_sem always, image features (e.g. Inception) when they ran.
+            measured = [r for entry in manip["attributes"].values() for r in entry.values() if isinstance(r, dict)]
+            spaces = [(s, n) for s, n in JUDGE_NAMES.items() if any(f"{s}_probe_moved" in r for r in measured)]
+            width = 3 * len(spaces) + 3
             rows = []
             for attribute, entry in manip["attributes"].items():
                 if "skipped" in entry:
-                    rows.append([attribute, "", entry["skipped"]] + [None] * 9)
+                    rows.append([attribute, "", entry["skipped"]] + [None] * width)
                     continue
                 for goal, row in entry.items():
                     if "skipped" in row:
-                        rows.append([attribute, goal, row["skipped"]] + [None] * 9)
+                        rows.append([attribute, goal, row["skipped"]] + [None] * width)
                         continue
                     rows.append(
-                        [
-                            attribute,
-                            goal,
-                            row["num_images"],
-                            row["pixels_probe_before"],
-                            row["pixels_probe_success"],
-                            row["pixels_probe_moved"],
-                            row["z_sem_probe_before"],
-                            row["z_sem_probe_success"],
-                            row["z_sem_probe_moved"],
-                            row.get("other_attributes_change"),
-                            row["pixel_change_mean"],
-                            row["changed_pixel_fraction"],
-                        ]
+                        [attribute, goal, row["num_images"]]
+                        + [row[f"{s}_probe_{k}"] for s, _ in spaces for k in ("before", "success", "moved")]
+                        + [row.get("other_attributes_change"), row["pixel_change_mean"], row["changed_pixel_fraction"]]
                     )
-            header = [
-                "attribute",
-                "edit",
-                "images",
-                "pixel probe before",
-                "pixel probe after",
-                "pixel probe moved toward goal",
-                "z_sem probe before",
-                "z_sem probe after",
-                "z_sem probe moved toward goal",
-                "other attributes mean abs Δp",
-                "mean abs Δpixel",
-                "pixels changed > 0.1",
-            ]
+            header = (
+                ["attribute", "edit", "images"]
+                + [f"{n} probe {k}" for _, n in spaces for k in ("before", "after", "moved toward goal")]
+                + ["other attributes mean abs Δp", "mean abs Δpixel", "pixels changed > 0.1"]
+            )
             lines += _table(header, rows)
+            feature_judge = manip.get("judges", {}).get("features")
+            if feature_judge:
+                lines += [f"Feature probe: {feature_judge}.", ""]
             judges = manip.get("judge_auroc", {})
             if judges:
                 lines += [
@@ -202,8 +192,8 @@ def markdown(results: Dict, title: str, plot_name: Optional[str], grid_name: Opt
                     "",
                 ]
                 lines += _table(
-                    ["attribute", "pixel probe AUROC", "z_sem probe AUROC"],
-                    [[a, j["pixels"], j["z_sem"]] for a, j in judges.items()],
+                    ["attribute"] + [f"{n} probe AUROC" for _, n in spaces],
+                    [[a] + [j.get(s) for s, _ in spaces] for a, j in judges.items()],
                 )
 
     samp = results.get("sampling")

@@ -14,9 +14,9 @@ Sections (paper map):
 3. `interpolation` (Appendix F, Eq. 10): perceptual path length along lerp(z_sem) + slerp(x_T) paths, DiffAE vs
    slerp(x_T) paths of the baseline; distances in pixel MSE and, when available, Inception-v3 features.
 4. `manipulation` (§5.3, Appendix G): edits along the classifier direction to the Eq. 11 target; success measured
-   by independent probes trained on another split (raw pixels; z_sem of the re-encoded edit), the change of the
-   other attributes, and how many pixels the edit touches; `--edit_where` limits the edits to the images an
-   attribute applies to (e.g. people).
+   by independent probes trained on another split (raw pixels; z_sem of the re-encoded edit; image features such
+   as Inception-v3, when available), the change of the other attributes, and how many pixels the edit touches;
+   `--edit_where` limits the edits to the images an attribute applies to (e.g. people).
 5. `sampling` (§5.6-5.7, Tables 3-4): FID of samples against the real images for every T: DiffAE (latent DDIM +
    decoder), the DDIM baseline, DiffAE decoding the real images' z_sem ("+autoencoding"), and few-shot
    conditional samples (rejection sampling with the classifier) against the real positives of their class.
@@ -42,10 +42,13 @@ from ..models import DiffAEUNet2DModel
 from ..pipelines.pipeline_diffae import DiffAELatents, DiffAEPipeline, slerp
 from . import metrics
 from .fid import InceptionFeatures, LPIPSDistance, MetricUnavailable, feature_distance, inception_status
-from .report import write_report
+from .report import JUDGE_NAMES, write_report
 from .sampling import ddim_decode, ddim_invert
 
 SECTIONS = ("reconstruction", "representation", "interpolation", "manipulation", "sampling", "latent")
+# A judge whose AUROC on the real images it judges is below this cannot tell the attribute there (0.7 is the usual
+# lower bound of "acceptable discrimination", Hosmer & Lemeshow), so whether it moves says nothing about the edit.
+JUDGE_MIN_AUROC = 0.7
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,6 +257,7 @@ class Evaluation:
         self._noise: Optional[torch.Tensor] = None
         self._train_z_sem: Optional[torch.Tensor] = None
         self._probes: Optional[Dict[str, Dict]] = None
+        self._feature_probes_fitted = False
 
     # -- shared codes -------------------------------------------------------------------------------------------
 
@@ -335,6 +339,24 @@ class Evaluation:
                             "z_sem": metrics.fit_logistic_probe(self.train_z_sem, labels),
                         }
         return self._probes
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) in [0, 1] -> (N, F) features of the feature network (Inception-v3 by default)."""
+        return torch.cat([self.features(images[s]).float().cpu() for s in self._batches(len(images))])
+
+    def fit_feature_probes(self) -> bool:
+        """Adds a probe on image features (key "features") to every entry of `probes`, fitted on the other split's
+        images: a judge of edits that sees the picture as a whole, independent of the model and less literal than raw
+        pixels. Returns False (and fits nothing) without a feature network."""
+        if self.features is None:
+            return False
+        if not self._feature_probes_fitted and self.probes:
+            _log(f"image-feature probes: features of {len(self.train_data.images)} images of the other split")
+            train_features = self.image_features(self.train_data.images)
+            for name, probe in self.probes.items():
+                probe["features"] = metrics.fit_logistic_probe(train_features, self.train_data.labels[name])
+        self._feature_probes_fitted = True
+        return True
 
     def decode(
         self, x_T: torch.Tensor, z_sem: Optional[torch.Tensor], steps: int, baseline: bool = False
@@ -574,9 +596,14 @@ class Evaluation:
             train_logits = classifier(train_z.to(classifier.device, classifier.dtype)).logits.float().cpu()
         # How well each judge tells the attributes on the real images whose edits it judges: a judge near 0.5 there
         # cannot say whether an edit moved the attribute.
-        judges = {
-            s: self._attribute_aurocs(f, s, editable) for s, f in (("pixels", self.data.images), ("z_sem", self.z_sem))
-        }
+        editable_idx = torch.from_numpy(np.flatnonzero(editable))
+        spaces = {"pixels": self.data.images, "z_sem": self.z_sem}
+        if self.fit_feature_probes():
+            # Only the edited images' features: the network is the slowest part here (about 5 images/s on 2 cores).
+            real, decoded = (self.image_features(x[editable_idx]) for x in (self.data.images, recon))
+            spaces["features"] = real.new_zeros(len(editable), real.shape[1]).index_copy_(0, editable_idx, real)
+            recon_features = torch.zeros_like(spaces["features"]).index_copy_(0, editable_idx, decoded)
+        judges = {s: self._attribute_aurocs(f, s, editable) for s, f in spaces.items()}
         results, judge_auroc = {}, {}
         for attribute in targets:
             if attribute not in probes:
@@ -619,7 +646,10 @@ class Evaluation:
                 before, after = recon[idx], edited
                 sign = 1.0 if goal_label == 1 else -1.0
                 row = {"num_images": len(idx), "protocol": protocol}
-                for space, feats_before, feats_after in (("pixels", before, after), ("z_sem", recon_z[idx], edited_z)):
+                judged = [("pixels", before, after), ("z_sem", recon_z[idx], edited_z)]
+                if "features" in spaces:
+                    judged.append(("features", recon_features[idx], self.image_features(edited)))
+                for space, feats_before, feats_after in judged:
                     probe = probes[attribute][space]
                     lb, la = metrics.probe_scores(feats_before, probe), metrics.probe_scores(feats_after, probe)
                     row[f"{space}_probe_success"] = float(((la > 0) == bool(goal_label)).double().mean())
@@ -649,11 +679,20 @@ class Evaluation:
             "num_probe_train_images": int(self.train_data.images.shape[0]),
             "T": steps,
             "protocol": "edit = pipeline.edit with the inverted x_T kept; success = an independent logistic probe "
-            "(trained on the other split) predicts the goal class: on raw pixels of the edit, and on z_sem of the "
-            "re-encoded edit; 'before' is the same on the unedited reconstruction; other_attributes_change = mean "
+            "(trained on the other split) predicts the goal class: on raw pixels of the edit, on z_sem of the "
+            "re-encoded edit"
+            + (f", and on {self.features_name} features of the edit" if "features" in spaces else "")
+            + "; 'before' is the same on the unedited reconstruction; other_attributes_change = mean "
             "|change of probability| of the other attributes' z_sem probes; pixel change against the unedited "
             "reconstruction, changed = largest channel change > 0.1",
             "attributes": results,
+            "judges": {
+                "pixels": "raw pixels",
+                "z_sem": "z_sem of the re-encoded image",
+                "features": self.features_name
+                if "features" in spaces
+                else (self.features_reason or "skipped: no feature network"),
+            },
             "judge_auroc": judge_auroc,
         }
 
@@ -888,26 +927,41 @@ def check_claims(results: Dict) -> List[Dict]:
                 "; ".join(f"{s}: {ppl['DiffAE'][s]:.4g} vs {ppl['DDIM baseline'][s]:.4g}" for s in spaces),
             )
         )
-    where = results.get("manipulation", {}).get("where")
-    manip = results.get("manipulation", {}).get("attributes", {})
+    manip = results.get("manipulation", {})
+    where, judge_auroc = manip.get("where"), manip.get("judge_auroc", {})
     edits = [
-        (f"{a} {goal}", row)
-        for a, entry in manip.items()
+        (f"{a} {goal}", a, row)
+        for a, entry in manip.get("attributes", {}).items()
         for goal, row in entry.items()
         if isinstance(row, dict) and "pixels_probe_success" in row
     ]
     if edits:
+
+        def row_judges(row: Dict) -> List[str]:
+            return [s for s in JUDGE_NAMES if f"{s}_probe_moved" in row]
+
+        def sighted(attribute: str, row: Dict) -> List[str]:
+            """The judges of an edit that can tell its attribute on the real images it edits (AUROC unknown counts)."""
+            aurocs = judge_auroc.get(attribute, {})
+            return [s for s in row_judges(row) if aurocs.get(s) is None or aurocs[s] >= JUDGE_MIN_AUROC]
+
+        def measured(name: str, attribute: str, row: Dict) -> str:
+            spaces, counted = row_judges(row), sighted(attribute, row)
+            blind = [f"{JUDGE_NAMES[s]} AUROC {judge_auroc[attribute][s]:.2f}" for s in spaces if s not in counted]
+            moved = " / ".join(f"{row[s + '_probe_moved']:.0%}" for s in spaces)
+            reached = " / ".join(f"{row[s + '_probe_success']:.0%}" for s in spaces)
+            names = " / ".join(JUDGE_NAMES[s] for s in spaces)
+            blind = f"; blind, not counted: {', '.join(blind)}" if blind else ""
+            return f"{name}: moved {moved} ({names} probe{blind}), goal class reached {reached}"
+
         claims.append(
             _claim(
-                "Linear edits of z_sem move the target attribute the intended way (project target: both held-out "
-                f"probes' scores move toward the goal for >= 90% of images{f' where {where}' if where else ''})",
+                "Linear edits of z_sem move the target attribute the intended way (project target: the scores of "
+                f"every held-out probe that can tell the attribute on the edited images (AUROC >= {JUDGE_MIN_AUROC}) "
+                f"move toward the goal for >= 90% of images{f' where {where}' if where else ''})",
                 "§5.3, Appendix G",
-                all(min(r["pixels_probe_moved"], r["z_sem_probe_moved"]) >= 0.9 for _, r in edits),
-                "; ".join(
-                    f"{n}: moved {r['pixels_probe_moved']:.0%} / {r['z_sem_probe_moved']:.0%} (pixel / z_sem probe), "
-                    f"goal class reached {r['pixels_probe_success']:.0%} / {r['z_sem_probe_success']:.0%}"
-                    for n, r in edits
-                ),
+                all(sighted(a, r) and all(r[s + "_probe_moved"] >= 0.9 for s in sighted(a, r)) for _, a, r in edits),
+                "; ".join(measured(n, a, r) for n, a, r in edits),
             )
         )
     samp = results.get("sampling", {})
@@ -1121,7 +1175,7 @@ def run(args: argparse.Namespace, features: Optional[Callable] = None, features_
         features_name = features_name or getattr(features, "name", type(features).__name__)
     elif args.features == "none":
         features_reason = "skipped: feature network disabled with --features none"
-    elif "sampling" in sections or "interpolation" in sections:
+    elif {"sampling", "interpolation", "manipulation"} & set(sections):
         features_reason = inception_status()
         if features_reason is None:
             try:
