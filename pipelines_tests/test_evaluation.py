@@ -535,6 +535,16 @@ def test_edits_can_be_limited_to_the_images_an_attribute_applies_to(tmp_path):
     assert set(plain["judge_auroc"]["red"]) == {"pixels", "z_sem"}
     assert "features_probe_moved" not in plain["attributes"]["red"]["to_positive"]
     assert "feature probe" not in (tmp_path / "out" / "evaluation.md").read_text()
+    # The control edit moves each image as far along a random direction; every judge scores it like the edit.
+    controlled = run(build_parser().parse_args(argv + ["--edit_control"]), features=_ProjectionFeatures())
+    assert controlled["manipulation"]["control"] is True and manip["control"] is False
+    for goal, row in controlled["manipulation"]["attributes"]["red"].items():
+        assert row["pixels_probe_moved"] == full["attributes"]["red"][goal]["pixels_probe_moved"]  # the same edit
+        assert all(0 <= row[f"{s}_control_moved"] <= 1 for s in ("pixels", "z_sem", "features"))
+        assert row["control_pixel_change_mean"] > 0
+    claim = next(c for c in controlled["claims"] if c["claim"].startswith("Linear edits"))
+    assert "random direction moved" in claim["measured"]
+    assert "edit / random" in (tmp_path / "out" / "evaluation.md").read_text()
 
 
 def test_representation_folds_can_keep_groups_whole(tmp_path):

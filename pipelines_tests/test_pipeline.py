@@ -325,6 +325,17 @@ def test_edit_to_a_target_confidence_and_with_raw_or_continuous_directions(pipe)
     torch.testing.assert_close(z_n[0], torch.zeros(Z), atol=1e-5, rtol=0)
     torch.testing.assert_close(z_n[2], math.sqrt(Z) * direction / direction.norm(), atol=1e-4, rtol=0)
     assert edit_strength_for_target(torch.tensor([0.0]), torch.ones(4), 4.0).item() == pytest.approx(1.0)
+    # One direction per image (e.g. random control edits) moves each code as the same edit of that image alone.
+    directions = torch.randn(3, Z)
+    pipe.edit(latents, direction=directions, strength=torch.tensor([0.2, -0.5, 1.0]))
+    batched = capture.calls[-1][0]
+    for i, alpha in enumerate((0.2, -0.5, 1.0)):
+        single = DiffAELatents(latents.z_sem[i : i + 1], latents.x_T[i : i + 1])
+        pipe.edit(single, direction=directions[i], strength=alpha)
+        torch.testing.assert_close(batched[i : i + 1], capture.calls[-1][0])
+    pipe.edit(latents, direction=directions, target_logit=1.5)
+    moved = pipe.classifier.normalize_z_sem(capture.calls[-1][0])
+    torch.testing.assert_close((moved * directions).sum(-1), torch.full((3,), 1.5), atol=1e-4, rtol=0)
 
 
 def test_edit_decodes_real_images(pipe):
@@ -384,6 +395,8 @@ def test_errors_name_the_problem(pipe):
         (lambda: pipe.edit(DiffAELatents(z, torch.randn(2, 3, 16, 16))), "name the attribute"),
         (lambda: pipe.edit(DiffAELatents(z, None), attribute="smile"), "no x_T"),
         (lambda: pipe.edit(DiffAELatents(z, torch.randn(2, 3, 16, 16)), direction=torch.zeros(Z)), "non-zero"),
+        (lambda: pipe.edit(DiffAELatents(z, torch.randn(2, 3, 16, 16)), direction=torch.ones(3, Z)), r"one row per image \(2, 16\)"),
+        (lambda: pipe.edit(DiffAELatents(z, torch.randn(2, 3, 16, 16)), direction=torch.stack([torch.ones(Z), torch.zeros(Z)])), "every row"),
         (lambda: pipe.edit(DiffAELatents(z, torch.randn(2, 3, 16, 16)), attribute="age", target_probability=0.8), "binary attribute"),
         (lambda: pipe.interpolate(images[:1], images, num_frames=3, encode_num_inference_steps=2), "batch size mismatch"),
         (lambda: pipe.interpolate(images, images, num_frames=1), "num_frames"),

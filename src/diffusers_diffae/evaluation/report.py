@@ -181,6 +181,29 @@ def markdown(results: Dict, title: str, plot_name: Optional[str], grid_name: Opt
                 + ["other attributes mean abs Δp", "mean abs Δpixel", "pixels changed > 0.1"]
             )
             lines += _table(header, rows)
+            controlled = [
+                (a, g, r)
+                for a, e in manip["attributes"].items()
+                for g, r in e.items()
+                if "control_pixel_change_mean" in r
+            ]
+            if controlled:
+                lines += [
+                    "Control: each image moved the same distance along a random direction instead; how often each "
+                    "judge then says the attribute moved toward the goal is its chance level:",
+                    "",
+                ]
+                lines += _table(
+                    ["attribute", "edit"]
+                    + [f"{n} probe moved: edit / random" for _, n in spaces]
+                    + ["mean abs Δpixel: edit / random"],
+                    [
+                        [a, g]
+                        + [f"{r[f'{s}_probe_moved']:.3f} / {r[f'{s}_control_moved']:.3f}" for s, _ in spaces]
+                        + [f"{r['pixel_change_mean']:.3g} / {r['control_pixel_change_mean']:.3g}"]
+                        for a, g, r in controlled
+                    ],
+                )
             feature_judge = manip.get("judges", {}).get("features")
             if feature_judge:
                 lines += [f"Feature probe: {feature_judge}.", ""]

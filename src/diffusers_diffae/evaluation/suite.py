@@ -16,7 +16,8 @@ Sections (paper map):
 4. `manipulation` (§5.3, Appendix G): edits along the classifier direction to the Eq. 11 target; success measured
    by independent probes trained on another split (raw pixels; z_sem of the re-encoded edit; image features such
    as Inception-v3, when available), the change of the other attributes, and how many pixels the edit touches;
-   `--edit_where` limits the edits to the images an attribute applies to (e.g. people).
+   `--edit_where` limits the edits to the images an attribute applies to (e.g. people); `--edit_control` also moves
+   each image as far along a random direction, which gives each judge's chance level.
 5. `sampling` (§5.6-5.7, Tables 3-4): FID of samples against the real images for every T: DiffAE (latent DDIM +
    decoder), the DDIM baseline, DiffAE decoding the real images' z_sem ("+autoencoding"), and few-shot
    conditional samples (rejection sampling with the classifier) against the real positives of their class.
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 
 from ..models import DiffAEUNet2DModel
-from ..pipelines.pipeline_diffae import DiffAELatents, DiffAEPipeline, slerp
+from ..pipelines.pipeline_diffae import DiffAELatents, DiffAEPipeline, edit_strength_for_target, slerp
 from . import metrics
 from .fid import InceptionFeatures, LPIPSDistance, MetricUnavailable, feature_distance, inception_status
 from .report import JUDGE_NAMES, write_report
@@ -264,6 +265,21 @@ class Evaluation:
     def _batches(self, n: int):
         for start in range(0, n, self.batch_size):
             yield slice(start, min(start + self.batch_size, n))
+
+    def _edit(self, latents: DiffAELatents, idx: torch.Tensor, steps: int, **kwargs) -> torch.Tensor:
+        """`pipeline.edit` of the codes `latents[idx]` in batches -> (len(idx), C, H, W) images in [0, 1]; per-image
+        tensors among `kwargs` (strength (N,), direction (N, D)) are batched along."""
+        out = []
+        for s in self._batches(len(idx)):
+            sub = DiffAELatents(
+                z_sem=latents.z_sem[idx[s]].to(self.pipe.device), x_T=latents.x_T[idx[s]].to(self.pipe.device)
+            )
+            batch_kwargs = {
+                k: v[s].to(self.pipe.device) if torch.is_tensor(v) and v.ndim > 0 else v for k, v in kwargs.items()
+            }
+            images = self.pipe.edit(sub, num_inference_steps=steps, output_type="pt", **batch_kwargs).images
+            out.append(images.float().cpu())
+        return torch.cat(out)
 
     @torch.no_grad()
     def encode_z_sem(self, images: torch.Tensor) -> torch.Tensor:
@@ -563,9 +579,13 @@ class Evaluation:
         strength: Optional[float] = None,
         where: Optional[str] = None,
         where_mask: Optional[np.ndarray] = None,
+        control: bool = False,
     ) -> Dict:
         """Edits every test image not yet in the goal class; with `where`, only those whose 0/1 `where_mask` (N,)
-        is 1 (the images an attribute applies to, e.g. people for hair or gender edits)."""
+        is 1 (the images an attribute applies to, e.g. people for hair or gender edits). With `control`, each image is
+        also moved the same distance along a random direction of normalised z_sem (its own, seeded), and every judge
+        scores that edit too: how often a judge says "moved toward the goal" for an edit that does not aim at it is
+        the judge's chance level."""
         if (where is None) != (where_mask is None):
             raise ValueError("manipulation: give both `where` and `where_mask`, or neither")
         if where_mask is not None and len(where_mask) != self.data.images.shape[0]:
@@ -604,6 +624,7 @@ class Evaluation:
             spaces["features"] = real.new_zeros(len(editable), real.shape[1]).index_copy_(0, editable_idx, real)
             recon_features = torch.zeros_like(spaces["features"]).index_copy_(0, editable_idx, decoded)
         judges = {s: self._attribute_aurocs(f, s, editable) for s, f in spaces.items()}
+        control_generator = torch.Generator().manual_seed(self.seed + 4)
         results, judge_auroc = {}, {}
         for attribute in targets:
             if attribute not in probes:
@@ -632,16 +653,7 @@ class Evaluation:
                         continue
                     kwargs["target_logit"] = float(reference.median())
                     protocol = f"Eq. 11 target logit {kwargs['target_logit']:.3f} (median of real goal-class images)"
-                edited = []
-                for s in self._batches(len(idx)):
-                    sub = DiffAELatents(
-                        z_sem=latents.z_sem[idx[s]].to(self.pipe.device), x_T=latents.x_T[idx[s]].to(self.pipe.device)
-                    )
-                    out = self.pipe.edit(
-                        sub, attribute=attribute, num_inference_steps=steps, output_type="pt", **kwargs
-                    )
-                    edited.append(out.images.float().cpu())
-                edited = torch.cat(edited)
+                edited = self._edit(latents, idx, steps, attribute=attribute, **kwargs)
                 edited_z = self.encode_z_sem(edited)
                 before, after = recon[idx], edited
                 sign = 1.0 if goal_label == 1 else -1.0
@@ -655,6 +667,26 @@ class Evaluation:
                     row[f"{space}_probe_success"] = float(((la > 0) == bool(goal_label)).double().mean())
                     row[f"{space}_probe_before"] = float(((lb > 0) == bool(goal_label)).double().mean())
                     row[f"{space}_probe_moved"] = float((sign * (la - lb) > 0).double().mean())
+                if control:
+                    # The same per-image distance as the edit (|alpha| * sqrt(D) in normalised z_sem), random aim.
+                    if strength is not None:
+                        alpha = torch.full((len(idx),), abs(strength))
+                    else:
+                        with torch.no_grad():
+                            z = latents.z_sem[idx].to(classifier.device, classifier.dtype)
+                            logit = classifier(z).logits[:, index].float().cpu()
+                        w = classifier.linear.weight[index].detach().float().cpu()
+                        alpha = edit_strength_for_target(logit, w, kwargs["target_logit"]).abs()
+                    directions = torch.randn(len(idx), latents.z_sem.shape[1], generator=control_generator)
+                    random_edit = self._edit(latents, idx, steps, direction=directions, strength=alpha)
+                    random_judged = [("pixels", random_edit), ("z_sem", self.encode_z_sem(random_edit))]
+                    if "features" in spaces:
+                        random_judged.append(("features", self.image_features(random_edit)))
+                    for (space, feats_before, _), (_, feats_random) in zip(judged, random_judged):
+                        probe = probes[attribute][space]
+                        lb, lr = metrics.probe_scores(feats_before, probe), metrics.probe_scores(feats_random, probe)
+                        row[f"{space}_control_moved"] = float((sign * (lr - lb) > 0).double().mean())
+                    row["control_pixel_change_mean"] = _mean(metrics.pixel_change(before, random_edit)[0])
                 others = [o for o in probes if o != attribute]
                 if others:
                     changes = [
@@ -684,7 +716,14 @@ class Evaluation:
             + (f", and on {self.features_name} features of the edit" if "features" in spaces else "")
             + "; 'before' is the same on the unedited reconstruction; other_attributes_change = mean "
             "|change of probability| of the other attributes' z_sem probes; pixel change against the unedited "
-            "reconstruction, changed = largest channel change > 0.1",
+            "reconstruction, changed = largest channel change > 0.1"
+            + (
+                "; control = the same per-image distance in normalised z_sem along a random direction of its own, "
+                "scored by the same judges (their chance level)"
+                if control
+                else ""
+            ),
+            "control": control,
             "attributes": results,
             "judges": {
                 "pixels": "raw pixels",
@@ -952,7 +991,10 @@ def check_claims(results: Dict) -> List[Dict]:
             reached = " / ".join(f"{row[s + '_probe_success']:.0%}" for s in spaces)
             names = " / ".join(JUDGE_NAMES[s] for s in spaces)
             blind = f"; blind, not counted: {', '.join(blind)}" if blind else ""
-            return f"{name}: moved {moved} ({names} probe{blind}), goal class reached {reached}"
+            control = ""
+            if all(f"{s}_control_moved" in row for s in spaces):
+                control = ", random direction moved " + " / ".join(f"{row[s + '_control_moved']:.0%}" for s in spaces)
+            return f"{name}: moved {moved} ({names} probe{blind}){control}, goal class reached {reached}"
 
         claims.append(
             _claim(
@@ -1092,6 +1134,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Binary column (or column=value) selecting the test images to edit, e.g. is_person: hair, gender or skin "
         "edits are defined on people only, as the paper's test sets hold only faces (default: every test image).",
     )
+    p.add_argument(
+        "--edit_control",
+        action="store_true",
+        help="Also move each edited image the same distance along a random direction of normalised z_sem and report "
+        "how often each judge calls that 'moved toward the goal' (its chance level; doubles the edit time).",
+    )
     p.add_argument("--num_samples", type=int, default=64, help="Generated images per FID row.")
     p.add_argument("--latent_samples", type=int, default=1024, help="Sampled codes per T in the latent section.")
     p.add_argument(
@@ -1223,7 +1271,7 @@ def run(args: argparse.Namespace, features: Optional[Callable] = None, features_
     if "manipulation" in sections:
         edit_attributes = parse_list(args.edit_attributes) if args.edit_attributes is not None else attributes
         results["manipulation"] = evaluation.manipulation(
-            edit_attributes, args.edit_steps, args.edit_strength, where, where_mask
+            edit_attributes, args.edit_steps, args.edit_strength, where, where_mask, args.edit_control
         )
     if "sampling" in sections:
         results["sampling"] = evaluation.sampling(

@@ -88,9 +88,9 @@ def edit_strength_for_target(logit: torch.Tensor, w: torch.Tensor, target: float
     """Per-image strength alpha such that the edited code reaches `target` (paper Appendix G, Eq. 11).
 
     The edit is `z_n + alpha * sqrt(D) * w / |w|`; the linear head gives `logit + alpha * sqrt(D) * |w|`, so
-    `alpha = (target - logit) / (sqrt(D) * |w|)`. logit: (B,), w: (D,). Returns (B,).
+    `alpha = (target - logit) / (sqrt(D) * |w|)`. logit: (B,), w: (D,) or one direction per image (B, D). Returns (B,).
     """
-    return (target - logit) / (math.sqrt(w.numel()) * w.norm())
+    return (target - logit) / (math.sqrt(w.shape[-1]) * w.norm(dim=-1))
 
 
 class DiffAEPipeline(DiffusionPipeline):
@@ -653,9 +653,9 @@ class DiffAEPipeline(DiffusionPipeline):
             images_or_latents: images, or [`DiffAELatents`] from `encode`.
             attribute (`str` or `int`): an output of `classifier` (binary logit or continuous regression head).
             strength (`float` or `(B,)` tensor): alpha; negative values move away from the attribute.
-            direction (`torch.Tensor` of shape `(D,)`, *optional*): a raw direction in normalised z_sem space, used
-                instead of a classifier head (normalised with the classifier's statistics if there is a classifier,
-                else with the encoder's).
+            direction (`torch.Tensor` of shape `(D,)` or `(B, D)`, *optional*): a raw direction in normalised z_sem
+                space (or one per image), used instead of a classifier head (normalised with the classifier's
+                statistics if there is a classifier, else with the encoder's).
             target_logit (`float`, *optional*): instead of `strength`, pick a per-image alpha so that every edited
                 code reaches this head output (Eq. 11); for continuous heads it is the target value.
             target_probability (`float`, *optional*): the same as a probability for binary heads.
@@ -675,10 +675,13 @@ class DiffAEPipeline(DiffusionPipeline):
             bias = self.classifier.linear.bias[index]
         else:
             direction = torch.as_tensor(direction)
-            if direction.shape != (z_sem.shape[1],):
-                raise ValueError(f"direction must have shape ({z_sem.shape[1]},), got {tuple(direction.shape)}")
-            if not torch.isfinite(direction).all() or direction.norm() == 0:
-                raise ValueError("direction must be a finite, non-zero vector")
+            if direction.shape not in ((z_sem.shape[1],), tuple(z_sem.shape)):
+                raise ValueError(
+                    f"direction must have shape ({z_sem.shape[1]},) or one row per image {tuple(z_sem.shape)}, "
+                    f"got {tuple(direction.shape)}"
+                )
+            if not torch.isfinite(direction).all() or (direction.norm(dim=-1) == 0).any():
+                raise ValueError("direction must be a finite, non-zero vector (every row, for one per image)")
             stats, w, bias = (self.classifier or self.encoder), direction, torch.zeros(())
         w = w.to(device=z_sem.device, dtype=torch.float32)
         z_n = stats.normalize_z_sem(z_sem.float())
@@ -692,13 +695,13 @@ class DiffAEPipeline(DiffusionPipeline):
                 raise ValueError(f"target_probability must be in (0, 1), got {target_probability}")
             target_logit = math.log(target_probability / (1 - target_probability))
         if target_logit is not None:
-            logit = z_n @ w + bias.to(w.device).float()
+            logit = (z_n * w).sum(-1) + bias.to(w.device).float()
             alpha = edit_strength_for_target(logit, w, float(target_logit))
         else:
             alpha = torch.as_tensor(strength, dtype=torch.float32, device=z_sem.device).reshape(-1)
             if alpha.numel() not in (1, z_sem.shape[0]):
                 raise ValueError(f"strength must be a number or have one value per image ({z_sem.shape[0]})")
-        z_n = z_n + alpha[:, None] * math.sqrt(w.numel()) * w / w.norm()
+        z_n = z_n + alpha[:, None] * math.sqrt(w.shape[-1]) * w / w.norm(dim=-1, keepdim=True)
         edited = stats.denormalize_z_sem(z_n).to(z_sem.dtype)
         return self.decode(edited, latents.x_T, num_inference_steps, output_type=output_type, return_dict=return_dict)
 
