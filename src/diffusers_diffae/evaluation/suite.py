@@ -267,8 +267,8 @@ class Evaluation:
             yield slice(start, min(start + self.batch_size, n))
 
     def _edit(self, latents: DiffAELatents, idx: torch.Tensor, steps: int, **kwargs) -> torch.Tensor:
-        """`pipeline.edit` of the codes `latents[idx]` in batches -> (len(idx), C, H, W) images in [0, 1]; per-image
-        tensors among `kwargs` (strength (N,), direction (N, D)) are batched along."""
+        """`pipeline.edit` of the codes `latents[idx]` in batches -> (len(idx), C, H, W) images in [0, 1]. Every tensor
+        among `kwargs` holds one row per image (strength (N,), direction (N, D)) and is batched along."""
         out = []
         for s in self._batches(len(idx)):
             sub = DiffAELatents(
