@@ -625,6 +625,15 @@ class Evaluation:
             recon_features = torch.zeros_like(spaces["features"]).index_copy_(0, editable_idx, decoded)
         judges = {s: self._attribute_aurocs(f, s, editable) for s, f in spaces.items()}
         control_generator = torch.Generator().manual_seed(self.seed + 4)
+
+        def judge_views(images: torch.Tensor) -> Dict[str, torch.Tensor]:
+            """What each judge reads of (N, C, H, W) images: the pixels, z_sem of the re-encoded images and, when a
+            feature network runs, its features."""
+            views = {"pixels": images, "z_sem": self.encode_z_sem(images)}
+            if "features" in spaces:
+                views["features"] = self.image_features(images)
+            return views
+
         results, judge_auroc = {}, {}
         for attribute in targets:
             if attribute not in probes:
@@ -654,19 +663,21 @@ class Evaluation:
                     kwargs["target_logit"] = float(reference.median())
                     protocol = f"Eq. 11 target logit {kwargs['target_logit']:.3f} (median of real goal-class images)"
                 edited = self._edit(latents, idx, steps, attribute=attribute, **kwargs)
-                edited_z = self.encode_z_sem(edited)
-                before, after = recon[idx], edited
+                before = recon[idx]
                 sign = 1.0 if goal_label == 1 else -1.0
                 row = {"num_images": len(idx), "protocol": protocol}
-                judged = [("pixels", before, after), ("z_sem", recon_z[idx], edited_z)]
+                before_views = {"pixels": before, "z_sem": recon_z[idx]}
                 if "features" in spaces:
-                    judged.append(("features", recon_features[idx], self.image_features(edited)))
-                for space, feats_before, feats_after in judged:
-                    probe = probes[attribute][space]
-                    lb, la = metrics.probe_scores(feats_before, probe), metrics.probe_scores(feats_after, probe)
+                    before_views["features"] = recon_features[idx]
+                # Each judge's probe score of the unedited reconstructions, against which edits are judged.
+                lb = {space: metrics.probe_scores(f, probes[attribute][space]) for space, f in before_views.items()}
+                edited_views = judge_views(edited)
+                edited_z = edited_views["z_sem"]
+                for space, feats_after in edited_views.items():
+                    la = metrics.probe_scores(feats_after, probes[attribute][space])
                     row[f"{space}_probe_success"] = float(((la > 0) == bool(goal_label)).double().mean())
-                    row[f"{space}_probe_before"] = float(((lb > 0) == bool(goal_label)).double().mean())
-                    row[f"{space}_probe_moved"] = float((sign * (la - lb) > 0).double().mean())
+                    row[f"{space}_probe_before"] = float(((lb[space] > 0) == bool(goal_label)).double().mean())
+                    row[f"{space}_probe_moved"] = float((sign * (la - lb[space]) > 0).double().mean())
                 if control:
                     # The same per-image distance as the edit (|alpha| * sqrt(D) in normalised z_sem), random aim.
                     if strength is not None:
@@ -679,13 +690,9 @@ class Evaluation:
                         alpha = edit_strength_for_target(logit, w, kwargs["target_logit"]).abs()
                     directions = torch.randn(len(idx), latents.z_sem.shape[1], generator=control_generator)
                     random_edit = self._edit(latents, idx, steps, direction=directions, strength=alpha)
-                    random_judged = [("pixels", random_edit), ("z_sem", self.encode_z_sem(random_edit))]
-                    if "features" in spaces:
-                        random_judged.append(("features", self.image_features(random_edit)))
-                    for (space, feats_before, _), (_, feats_random) in zip(judged, random_judged):
-                        probe = probes[attribute][space]
-                        lb, lr = metrics.probe_scores(feats_before, probe), metrics.probe_scores(feats_random, probe)
-                        row[f"{space}_control_moved"] = float((sign * (lr - lb) > 0).double().mean())
+                    for space, feats_random in judge_views(random_edit).items():
+                        lr = metrics.probe_scores(feats_random, probes[attribute][space])
+                        row[f"{space}_control_moved"] = float((sign * (lr - lb[space]) > 0).double().mean())
                     row["control_pixel_change_mean"] = _mean(metrics.pixel_change(before, random_edit)[0])
                 others = [o for o in probes if o != attribute]
                 if others:
@@ -699,7 +706,7 @@ class Evaluation:
                         for o in others
                     ]
                     row["other_attributes_change"] = float(torch.stack(changes).mean())
-                mean_change, changed = metrics.pixel_change(before, after)
+                mean_change, changed = metrics.pixel_change(before, edited)
                 row["pixel_change_mean"] = _mean(mean_change)
                 row["changed_pixel_fraction"] = _mean(changed)
                 entry[goal] = row
