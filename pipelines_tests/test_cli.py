@@ -8,6 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from safetensors.torch import save_file
 from tiny import Z, tiny_pipeline
 
 from diffusers_diffae import AttributeClassifier
@@ -79,6 +80,15 @@ def test_cli_errors_are_one_line(tmp_path, model_dir, capsys):
     PIL.Image.new("RGB", (16, 16)).save(bad)
     assert main(["edit", "--model", str(model_dir), "--steps", "2", "--images", str(bad), "--attribute", "wings", "--output", str(tmp_path / "o")]) == 1
     assert "unknown attribute 'wings'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="is not a pipeline folder"):
+        main(["reconstruct", "--model", str(tmp_path), "--images", str(bad), "--output", str(tmp_path / "o")])
+    (tmp_path / "codes.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(SystemExit, match="cannot read codes .*codes.safetensors"):
+        main(["decode", "--model", str(model_dir), "--codes", str(tmp_path / "codes.safetensors"), "--output", str(tmp_path / "o")])
+    save_file({"w": torch.zeros(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(SystemExit, match=r"has no z_sem tensor \(found w\)"):
+        main(["decode", "--model", str(model_dir), "--codes", str(tmp_path / "other.safetensors"), "--output", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()  # nothing half-written
 
 
 def test_module_entry_point_help():

@@ -222,6 +222,11 @@ def test_bad_files_and_configs_are_clear_errors(tmp_path, official_dir):
     text.write_text("hello")
     with pytest.raises(ValueError, match="not a torch.save checkpoint"):
         load_official_file(text)
+    noise = tmp_path / "noise.ckpt"
+    noise.write_bytes(b"F" + bytes(range(1, 10)) + bytes(range(128, 255)) + b"\n")  # pickle FLOAT of raw bytes
+    with pytest.raises(ValueError, match="not a torch.save checkpoint") as info:
+        load_official_file(noise)
+    assert str(info.value).isprintable() and len(str(info.value)) < 400  # no raw bytes of the file in the message
     tensor_only = tmp_path / "tensor.ckpt"
     torch.save(torch.zeros(2), tensor_only)
     with pytest.raises(ValueError, match="does not hold a dict"):

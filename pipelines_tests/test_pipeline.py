@@ -402,6 +402,17 @@ def test_errors_name_the_problem(pipe):
         (lambda: pipe.interpolate(images, images, num_frames=1), "num_frames"),
         (lambda: pipe(batch_size=0), "batch_size"),
         (lambda: pipe(batch_size=2, attribute="age"), "continuous head"),
+        # values that would otherwise decode silently into NaN images
+        (lambda: pipe.decode(torch.full((2, Z), float("nan"))), "z_sem contains NaN"),
+        (lambda: pipe.decode(z, torch.full((2, 3, 16, 16), float("inf"))), "x_T contains NaN or infinite"),
+        (lambda: pipe.decode(z.long()), "z_sem must be a floating-point tensor, got dtype torch.int64"),
+        (lambda: pipe.decode(z, eta=float("nan")), r"eta must be a number in \[0, 1\]"),
+        (lambda: pipe.decode(z, eta=1.5), r"eta must be a number in \[0, 1\]"),
+        (lambda: pipe(batch_size=2, eta=-0.1), r"eta must be a number in \[0, 1\]"),
+        (lambda: pipe.sample_z_sem(2, z_noise=torch.full((2, Z), float("nan"))), "z_noise contains NaN"),
+        (lambda: pipe.sample_z_sem(2, z_noise=[0.0] * Z), r"z_noise must have shape \(B, 16\), got list"),
+        (lambda: pipe.edit(DiffAELatents(z, torch.randn(2, 3, 16, 16)), attribute="smile", strength=float("nan")), "strength must be finite"),
+        (lambda: pipe.edit(DiffAELatents(z, torch.randn(2, 3, 16, 16)), attribute="smile", target_logit=float("inf")), "target_logit must be finite"),
     ]  # fmt: skip
     for call, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -20,7 +20,7 @@ import os
 import shutil
 import sys
 import uuid
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn

@@ -16,7 +16,6 @@ diffae convert --checkpoint last.ckpt --config ffhq256_autoenc --output DIR
 import argparse
 import html
 import json
-import math
 import os
 import sys
 import time
@@ -43,7 +42,12 @@ def load_pipeline(model: Optional[str]):
     path = model or str(BUNDLED_MODEL)
     if model is None and not (BUNDLED_MODEL / "model_index.json").is_file():
         raise SystemExit(f"error: the bundled model is missing at {BUNDLED_MODEL}; pass --model DIR")
-    pipe = DiffAEPipeline.from_pretrained(path)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise SystemExit(f"error: {path} is not a pipeline folder (it has no model_index.json)")
+    try:
+        pipe = DiffAEPipeline.from_pretrained(path)
+    except OSError as e:  # unreachable Hub repo, missing or unreadable weights: one line, not a traceback
+        raise SystemExit(f"error: cannot load a DiffAE pipeline from {path}: {e}") from e
     pipe.set_progress_bar_config(leave=False)
     return pipe
 
@@ -277,8 +281,14 @@ def run_encode(args) -> int:
 def run_decode(args) -> int:
     from safetensors.torch import load_file
 
+    try:
+        codes = load_file(args.codes)
+    except Exception as e:  # safetensors raises its own error types for files that are not safetensors
+        raise SystemExit(f"error: cannot read codes {args.codes}: {type(e).__name__}: {e}") from e
+    if "z_sem" not in codes:
+        found = ", ".join(sorted(codes)) or "nothing"
+        raise SystemExit(f"error: {args.codes} has no z_sem tensor (found {found}); write it with `diffae encode`")
     pipe = load_pipeline(args.model)
-    codes = load_file(args.codes)
     x_T = None if args.random_xT else codes.get("x_T")
     images = pipe.decode(codes["z_sem"], x_T, args.steps, generator=torch.Generator().manual_seed(args.seed)).images
     return _save_all(images, args.output, "decoded")

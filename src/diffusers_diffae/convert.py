@@ -127,7 +127,10 @@ def load_official_file(path: PathLike) -> dict:
     except UnsafeCheckpointError:
         raise
     except Exception as e:  # torch raises many types for files that are not torch pickles
-        raise ValueError(f"{path} is not a torch.save checkpoint that can be read: {type(e).__name__}: {e}") from e
+        reason = str(e)
+        if not reason.isprintable() or len(reason) > 200:  # the unpickler quotes raw bytes of a random file
+            reason = "its bytes are not a pickle"
+        raise ValueError(f"{path} is not a torch.save checkpoint that can be read: {type(e).__name__}: {reason}") from e
     if not isinstance(obj, dict):
         raise ValueError(f"{path} does not hold a dict (found {type(obj).__name__}); not an official DiffAE file")
     return obj

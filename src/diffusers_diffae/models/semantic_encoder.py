@@ -1,7 +1,7 @@
 """The semantic encoder of Diffusion Autoencoders (paper §3.2; Appendix A, Table 5)."""
 
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Tuple, Union
 
 import torch
 import torch.nn.functional as F

@@ -9,6 +9,7 @@ import importlib
 import inspect
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Union
@@ -398,6 +399,7 @@ class DiffAEPipeline(DiffusionPipeline):
         if not isinstance(z_sem, torch.Tensor) or z_sem.ndim != 2 or z_sem.shape[1] != width:
             shape = tuple(z_sem.shape) if isinstance(z_sem, torch.Tensor) else type(z_sem).__name__
             raise ValueError(f"z_sem must have shape (B, {width}), got {shape}")
+        self._check_values("z_sem", z_sem)
         if x_T is None:
             return
         expected = (self.unet.config.in_channels, self.resolution, self.resolution)
@@ -406,6 +408,21 @@ class DiffAEPipeline(DiffusionPipeline):
             raise ValueError(f"x_T must have shape (B, {', '.join(map(str, expected))}), got {shape}")
         if x_T.shape[0] != z_sem.shape[0]:
             raise ValueError(f"batch size mismatch: z_sem has {z_sem.shape[0]} rows, x_T has {x_T.shape[0]}")
+        self._check_values("x_T", x_T)
+
+    @staticmethod
+    def _check_values(name: str, tensor: torch.Tensor) -> None:
+        # A NaN code would decode silently into garbage (and a uint8 cast warning), an integer one is a mix-up.
+        if not tensor.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
+
+    @staticmethod
+    def _check_eta(eta: float) -> None:
+        # DDIM's sigma_t = eta * sqrt(posterior variance); above 1 the direction term's square root goes negative.
+        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0 <= eta <= 1:
+            raise ValueError(f"eta must be a number in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like), got {eta!r}")
 
     def _as_latents(self, images_or_latents, num_inference_steps: int) -> DiffAELatents:
         if isinstance(images_or_latents, DiffAELatents):
@@ -517,6 +534,7 @@ class DiffAEPipeline(DiffusionPipeline):
         """Runs the conditional sampler from x_T (fresh noise when `None`); returns x_0 (B, C, H, W) in [-1, 1]."""
         self._check_steps(num_inference_steps, self.scheduler)
         self._check_latents(z_sem, x_T)
+        self._check_eta(eta)
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs must be a subset of {self._callback_tensor_inputs}")
@@ -695,12 +713,16 @@ class DiffAEPipeline(DiffusionPipeline):
                 raise ValueError(f"target_probability must be in (0, 1), got {target_probability}")
             target_logit = math.log(target_probability / (1 - target_probability))
         if target_logit is not None:
+            if not math.isfinite(float(target_logit)):
+                raise ValueError(f"target_logit must be finite, got {target_logit}")
             logit = (z_n * w).sum(-1) + bias.to(w.device).float()
             alpha = edit_strength_for_target(logit, w, float(target_logit))
         else:
             alpha = torch.as_tensor(strength, dtype=torch.float32, device=z_sem.device).reshape(-1)
             if alpha.numel() not in (1, z_sem.shape[0]):
                 raise ValueError(f"strength must be a number or have one value per image ({z_sem.shape[0]})")
+            if not torch.isfinite(alpha).all():
+                raise ValueError(f"strength must be finite, got {strength}")
         z_n = z_n + alpha[:, None] * math.sqrt(w.shape[-1]) * w / w.norm(dim=-1, keepdim=True)
         edited = stats.denormalize_z_sem(z_n).to(z_sem.dtype)
         return self.decode(edited, latents.x_T, num_inference_steps, output_type=output_type, return_dict=return_dict)
@@ -730,8 +752,11 @@ class DiffAEPipeline(DiffusionPipeline):
         width = self.latent_denoiser.config.num_channels
         if z_noise is None:
             z_noise = randn_tensor((batch_size, width), generator=generator, device=device, dtype=dtype)
-        elif z_noise.ndim != 2 or z_noise.shape[1] != width:
-            raise ValueError(f"z_noise must have shape (B, {width}), got {tuple(z_noise.shape)}")
+        else:
+            if not isinstance(z_noise, torch.Tensor) or z_noise.ndim != 2 or z_noise.shape[1] != width:
+                shape = tuple(z_noise.shape) if isinstance(z_noise, torch.Tensor) else type(z_noise).__name__
+                raise ValueError(f"z_noise must have shape (B, {width}), got {shape}")
+            self._check_values("z_noise", z_noise)
         z = z_noise.to(device=device, dtype=dtype) * self.latent_scheduler.init_noise_sigma
         self.latent_scheduler.set_timesteps(num_inference_steps, device=device)
         step_kwargs = self._step_kwargs(self.latent_scheduler, generator, 0.0)
