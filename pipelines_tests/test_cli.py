@@ -80,8 +80,8 @@ def test_cli_errors_are_one_line(tmp_path, model_dir, capsys):
     PIL.Image.new("RGB", (16, 16)).save(bad)
     assert main(["edit", "--model", str(model_dir), "--steps", "2", "--images", str(bad), "--attribute", "wings", "--output", str(tmp_path / "o")]) == 1
     assert "unknown attribute 'wings'" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="is not a pipeline folder"):
-        main(["reconstruct", "--model", str(tmp_path), "--images", str(bad), "--output", str(tmp_path / "o")])
+    assert main(["reconstruct", "--model", str(tmp_path), "--images", str(bad), "--output", str(tmp_path / "o")]) == 1
+    assert "is not a pipeline folder: it has no model_index.json" in capsys.readouterr().err
     (tmp_path / "codes.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(SystemExit, match="cannot read codes .*codes.safetensors"):
         main(["decode", "--model", str(model_dir), "--codes", str(tmp_path / "codes.safetensors"), "--output", str(tmp_path / "o")])

@@ -247,3 +247,21 @@ def test_diffusers_only_options_run_the_verified_shims(tiny_pipe, saved_dir, tmp
 def test_bad_location_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="neither a folder nor a Hub repo id"):
         DiffAEPipeline.from_pretrained(str(tmp_path / "missing" / "pipeline"))
+
+
+@pytest.mark.parametrize(
+    "breakage, error, message",
+    [
+        (lambda d: os.remove(d / "model_index.json"), ValueError, "not a pipeline folder: it has no model_index.json"),
+        (lambda d: (d / "model_index.json").write_text("{not json"), ValueError, "model_index.json is not valid JSON"),
+        (lambda d: shutil.rmtree(d / "encoder"), ValueError, "lists the component 'encoder' but .* has no encoder/"),
+        (lambda d: os.remove(d / "unet" / "diffusion_pytorch_model.safetensors"), OSError, "cannot load the 'unet' component from .*unet"),
+        (lambda d: (d / "encoder" / "diffusion_pytorch_model.safetensors").write_text("hello"), OSError, "cannot load the 'encoder' component"),
+    ],
+)  # fmt: skip
+def test_broken_folder_names_the_component(saved_dir, tmp_path, breakage, error, message):
+    folder = tmp_path / "copy"
+    shutil.copytree(saved_dir, folder)
+    breakage(folder)
+    with pytest.raises(error, match=message):
+        DiffAEPipeline.from_pretrained(folder)

@@ -16,7 +16,6 @@ diffae convert --checkpoint last.ckpt --config ffhq256_autoenc --output DIR
 import argparse
 import html
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -42,8 +41,6 @@ def load_pipeline(model: Optional[str]):
     path = model or str(BUNDLED_MODEL)
     if model is None and not (BUNDLED_MODEL / "model_index.json").is_file():
         raise SystemExit(f"error: the bundled model is missing at {BUNDLED_MODEL}; pass --model DIR")
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise SystemExit(f"error: {path} is not a pipeline folder (it has no model_index.json)")
     try:
         pipe = DiffAEPipeline.from_pretrained(path)
     except OSError as e:  # unreachable Hub repo, missing or unreadable weights: one line, not a traceback

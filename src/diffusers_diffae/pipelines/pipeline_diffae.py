@@ -255,6 +255,7 @@ class DiffAEPipeline(DiffusionPipeline):
             hub_keys = ("revision", "token", "cache_dir", "local_files_only", "force_download")
             path = snapshot_download(name, **{key: kwargs.pop(key) for key in hub_keys if kwargs.get(key) is not None})
 
+        cls._check_folder(path, kwargs)
         trusted = kwargs.get("trust_remote_code")
         if component_shims_status(path) and kwargs.get("custom_pipeline") is None and not trusted:
             # Options that only diffusers' own component loader implements.
@@ -276,6 +277,23 @@ class DiffAEPipeline(DiffusionPipeline):
         if path != name:
             pipe.register_to_config(_name_or_path=name)  # the repo id, not the snapshot folder
         return pipe
+
+    @staticmethod
+    def _check_folder(folder: str, kwargs: Dict) -> None:
+        """Names a broken pipeline folder's problem; diffusers' own errors name neither the file nor the component."""
+        index_file = os.path.join(folder, "model_index.json")
+        if not os.path.isfile(index_file):
+            raise ValueError(f"{folder} is not a pipeline folder: it has no model_index.json")
+        try:
+            with open(index_file, encoding="utf-8") as f:
+                model_index = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{index_file} is not valid JSON: {e}") from e
+        for name, entry in model_index.items():
+            if name.startswith("_") or not isinstance(entry, list) or entry[0] is None or name in kwargs:
+                continue
+            if not os.path.isdir(os.path.join(folder, name)):
+                raise ValueError(f"model_index.json lists the component {name!r} but {folder} has no {name}/ folder")
 
     @staticmethod
     def _load_shimmed_components(folder: str, kwargs: Dict) -> None:
@@ -304,7 +322,11 @@ class DiffAEPipeline(DiffusionPipeline):
                 load_kwargs[dtype_key] = component_dtype
             else:
                 load_kwargs.pop(dtype_key, None)
-            kwargs[name] = model_cls.from_pretrained(folder, subfolder=name, **load_kwargs)
+            try:
+                kwargs[name] = model_cls.from_pretrained(folder, subfolder=name, **load_kwargs)
+            except (OSError, ValueError) as e:  # diffusers names the folder but not the component
+                kind = ValueError if isinstance(e, ValueError) else OSError
+                raise kind(f"cannot load the {name!r} component from {os.path.join(folder, name)}: {e}") from e
 
     # ------------------------------------------------------------------------------------------------------------
     # Input handling
