@@ -480,6 +480,7 @@ def bad_data(data):
         ("too_small", "smaller than --resolution 32"),
         ("resume_missing", "no such checkpoint folder"),
         ("resolution_mismatch", "does not match the unet's sample_size"),
+        ("missing_dataset", "is neither a saved dataset folder, a folder of data files, nor a reachable Hub dataset"),
     ],
 )
 def test_train_diffae_rejects_bad_input_before_training(case, message, data, bad_data, tmp_path):
@@ -493,6 +494,7 @@ def test_train_diffae_rejects_bad_input_before_training(case, message, data, bad
         "too_small": ["--dataset_name", data["saved"], "--resolution", 32],
         "resume_missing": ["--dataset_name", data["saved"], "--resume_from_checkpoint", "checkpoint-7"],
         "resolution_mismatch": ["--dataset_name", data["saved"], "--resolution", 8],
+        "missing_dataset": ["--dataset_name", str(tmp_path / "no_such_dataset"), "--cache_dir", data["cache"]],
     }[case]
     config = data["config"]
     if case == "too_small":  # a 32x32 model, so the only problem is the 16x16 images

@@ -308,6 +308,11 @@ def load_dataset_from_args(args: argparse.Namespace, split: Optional[str] = None
             )
         except ValueError as e:
             raise TrainingInputError(f"could not load split {split!r} of dataset {args.dataset_name!r}: {e}") from e
+        except (FileNotFoundError, ConnectionError) as e:  # datasets' DatasetNotFoundError is a FileNotFoundError
+            raise TrainingInputError(
+                f"--dataset_name {args.dataset_name!r} is neither a saved dataset folder, a folder of data files, "
+                f"nor a reachable Hub dataset: {e}"
+            ) from e
         source = args.dataset_name
     if isinstance(dataset, datasets.IterableDataset):
         raise TrainingInputError("streaming datasets are not supported; load a map-style dataset")
