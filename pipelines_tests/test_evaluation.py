@@ -21,6 +21,7 @@ from diffusers_diffae.evaluation.suite import (
     build_parser,
     check_claims,
     load_pipeline,
+    main,
     run,
 )
 from diffusers_diffae.presets import _ddim_config
@@ -562,7 +563,7 @@ def test_representation_folds_can_keep_groups_whole(tmp_path):
         run(build_parser().parse_args(argv + ["--probe_groups", "family"]))
 
 
-def test_evaluation_command_reports_bad_input(tmp_path):
+def test_evaluation_command_reports_bad_input(tmp_path, capsys):
     pipe = _pipeline()
     pipe.save_pretrained(tmp_path / "pipe")
     _tiny_dataset(tmp_path / "data")
@@ -576,6 +577,8 @@ def test_evaluation_command_reports_bad_input(tmp_path):
     ]
     with pytest.raises(ValueError, match="unknown section"):
         run(build_parser().parse_args(base + ["--sections", "recon"]))
+    assert main(base + ["--sections", "recon"]) == 1  # the command prints one line, not a traceback
+    assert "error: " in capsys.readouterr().err
     with pytest.raises(ValueError, match="no split 'validation'"):
         run(build_parser().parse_args(base + ["--split", "validation"]))
     with pytest.raises(ValueError, match=r"no column\(s\) \['smiling'\]"):

@@ -1298,7 +1298,11 @@ def run(args: argparse.Namespace, features: Optional[Callable] = None, features_
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    run(args)
+    try:
+        run(args)
+    except ValueError as e:  # bad arguments, pipeline or dataset: one clear line instead of a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
