@@ -254,6 +254,7 @@ def test_bad_location_is_a_clear_error(tmp_path):
     [
         (lambda d: os.remove(d / "model_index.json"), ValueError, "not a pipeline folder: it has no model_index.json"),
         (lambda d: (d / "model_index.json").write_text("{not json"), ValueError, "model_index.json is not valid JSON"),
+        (lambda d: (d / "model_index.json").write_text("[1, 2]"), ValueError, "must hold a JSON object, found list"),
         (lambda d: shutil.rmtree(d / "encoder"), ValueError, "lists the component 'encoder' but .* has no encoder/"),
         (lambda d: os.remove(d / "unet" / "diffusion_pytorch_model.safetensors"), OSError, "cannot load the 'unet' component from .*unet"),
         (lambda d: (d / "encoder" / "diffusion_pytorch_model.safetensors").write_text("hello"), OSError, "cannot load the 'encoder' component"),

@@ -289,8 +289,10 @@ class DiffAEPipeline(DiffusionPipeline):
                 model_index = json.load(f)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{index_file} is not valid JSON: {e}") from e
+        if not isinstance(model_index, dict):
+            raise ValueError(f"{index_file} must hold a JSON object, found {type(model_index).__name__}")
         for name, entry in model_index.items():
-            if name.startswith("_") or not isinstance(entry, list) or entry[0] is None or name in kwargs:
+            if name.startswith("_") or not isinstance(entry, list) or not entry or entry[0] is None or name in kwargs:
                 continue
             if not os.path.isdir(os.path.join(folder, name)):
                 raise ValueError(f"model_index.json lists the component {name!r} but {folder} has no {name}/ folder")
