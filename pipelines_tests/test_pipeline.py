@@ -413,6 +413,7 @@ def test_errors_name_the_problem(pipe):
         (lambda: pipe.sample_z_sem(2, z_noise=[0.0] * Z), r"z_noise must have shape \(B, 16\), got list"),
         (lambda: pipe.edit(DiffAELatents(z, torch.randn(2, 3, 16, 16)), attribute="smile", strength=float("nan")), "strength must be finite"),
         (lambda: pipe.edit(DiffAELatents(z, torch.randn(2, 3, 16, 16)), attribute="smile", target_logit=float("inf")), "target_logit must be finite"),
+        (lambda: pipe.edit(images, attribute="smile", strength="big"), "strength must be a number or a"),
     ]  # fmt: skip
     for call, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -705,6 +705,10 @@ class DiffAEPipeline(DiffusionPipeline):
         Returns:
             [`~diffusers.ImagePipelineOutput`] with one edited image per input.
         """
+        uses_strength = target_logit is None and target_probability is None
+        if uses_strength and (isinstance(strength, bool) or not isinstance(strength, (numbers.Real, torch.Tensor))):
+            # checked before encoding, which is the expensive part
+            raise ValueError(f"strength must be a number or a (B,) tensor, got {type(strength).__name__}")
         latents = self._as_latents(images_or_latents, encode_num_inference_steps)
         z_sem = latents.z_sem
         if direction is None:
