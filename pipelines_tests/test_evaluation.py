@@ -548,6 +548,35 @@ def test_edits_can_be_limited_to_the_images_an_attribute_applies_to(tmp_path):
     assert "edit / random" in (tmp_path / "out" / "evaluation.md").read_text()
 
 
+class _CountingFeatures(_ProjectionFeatures):
+    def __init__(self):
+        super().__init__()
+        self.images_seen = 0
+
+    def __call__(self, images):
+        self.images_seen += len(images)
+        return super().__call__(images)
+
+
+def test_feature_cache_skips_the_train_features_only_while_they_are_the_same(tmp_path):
+    cache = tmp_path / "features.safetensors"
+    argv = _section_argv(tmp_path, "manipulation", "--edit_steps", "2", "--feature_cache", str(cache))
+    first_net, again_net = _CountingFeatures(), _CountingFeatures()
+    first = run(build_parser().parse_args(argv), features=first_net)["manipulation"]
+    again = run(build_parser().parse_args(argv), features=again_net)["manipulation"]
+    assert cache.is_file() and first_net.images_seen - again_net.images_seen == 30  # the 30 train images
+    assert again["attributes"] == first["attributes"] and again["judge_auroc"] == first["judge_auroc"]
+    # Other train images (or another network) are recomputed, and the cache rewritten for them.
+    fewer_net = _CountingFeatures()
+    run(build_parser().parse_args(argv + ["--max_train_images", "20"]), features=fewer_net)
+    assert fewer_net.images_seen - again_net.images_seen == 20
+    # A file that is not a feature cache is an error and is left as it was.
+    cache.write_text("my notes")
+    with pytest.raises(ValueError, match="is not a safetensors feature cache"):
+        run(build_parser().parse_args(argv), features=_CountingFeatures())
+    assert cache.read_text() == "my notes"
+
+
 def test_representation_folds_can_keep_groups_whole(tmp_path):
     argv = _section_argv(tmp_path, "representation", "--probe_steps", "2", "--probe_folds", "2")
     rep = run(build_parser().parse_args(argv + ["--probe_groups", "bright"]))["representation"]

