@@ -87,14 +87,12 @@ def rows_per_input(inputs: torch.Tensor, outputs: torch.Tensor) -> List[List[PIL
 
 
 def reconstruction_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict:
-    """MSE, PSNR (dB) and SSIM of images in [0, 1], averaged over the batch."""
-    mse = (pred - target).pow(2).flatten(1).mean(1)
-    psnr = 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
-    result = {"mse": mse.mean().item(), "psnr": psnr.mean().item()}
-    try:
-        from pytorch_msssim import ssim
+    """MSE, PSNR (dB) and SSIM (7x7 window) of images in [0, 1], averaged over the batch; the evaluation's metrics."""
+    from .evaluation import metrics
 
-        result["ssim"] = ssim(pred, target, data_range=1.0, size_average=True, win_size=7).item()
+    result = {"mse": metrics.mse(pred, target).mean().item(), "psnr": metrics.psnr(pred, target).mean().item()}
+    try:
+        result["ssim"] = metrics.ssim(pred, target, win_size=7).mean().item()
     except ImportError:
         result["ssim"] = None  # reported as "not measured" (pytorch-msssim is in the `metrics` extra)
     return result
