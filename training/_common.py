@@ -943,6 +943,47 @@ def encode_dataset(
     return z_sem
 
 
+def add_ema_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --use_ema / --ema_* options of diffusers' `EMAModel`, shared by the training scripts."""
+    group = parser.add_argument_group("EMA")
+    group.add_argument("--use_ema", action="store_true", help="Keep an exponential moving average of the weights.")
+    group.add_argument("--ema_decay", type=float, default=0.9999, help="The (maximum) EMA decay (official 0.9999).")
+    group.add_argument(
+        "--ema_min_decay",
+        type=float,
+        default=None,
+        help="Lower bound of the decay. Default: --ema_decay without --ema_warmup (the official constant decay), "
+        "0 with it.",
+    )
+    group.add_argument(
+        "--ema_warmup",
+        action="store_true",
+        help="diffusers EMA warm-up: decay = 1 - (1 + step / inv_gamma) ** -power (better for short runs).",
+    )
+    group.add_argument("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up inverse gamma.")
+    group.add_argument("--ema_power", type=float, default=0.75, help="EMA warm-up power (3/4 suits < 200k steps).")
+    group.add_argument("--ema_update_after_step", type=int, default=0, help="Start averaging after this step.")
+
+
+def make_ema(args: argparse.Namespace, model: torch.nn.Module, model_cls):
+    """diffusers' `EMAModel` of `model` configured by the options of `add_ema_arguments`."""
+    from diffusers.training_utils import EMAModel
+
+    min_decay = args.ema_min_decay if args.ema_min_decay is not None else (0.0 if args.ema_warmup else args.ema_decay)
+    return EMAModel(
+        model.parameters(),
+        decay=args.ema_decay,
+        min_decay=float(min_decay),
+        update_after_step=args.ema_update_after_step,
+        use_ema_warmup=args.ema_warmup,
+        inv_gamma=args.ema_inv_gamma,
+        power=args.ema_power,
+        foreach=True,
+        model_cls=model_cls,
+        model_config=model.config,
+    )
+
+
 def load_ema_folder(ema, folder: str, model: torch.nn.Module, device) -> None:
     """Restores an `EMAModel` from the folder its `save_pretrained` wrote (weights + EMA state in config.json).
 

@@ -145,24 +145,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="CPU threads per process (default: the cores divided by the local processes, unless OMP_NUM_THREADS).",
     )
 
-    group = parser.add_argument_group("EMA")
-    group.add_argument("--use_ema", action="store_true", help="Keep an exponential moving average of the weights.")
-    group.add_argument("--ema_decay", type=float, default=0.9999, help="The (maximum) EMA decay (official 0.9999).")
-    group.add_argument(
-        "--ema_min_decay",
-        type=float,
-        default=None,
-        help="Lower bound of the decay. Default: --ema_decay without --ema_warmup (the official constant decay), "
-        "0 with it.",
-    )
-    group.add_argument(
-        "--ema_warmup",
-        action="store_true",
-        help="diffusers EMA warm-up: decay = 1 - (1 + step / inv_gamma) ** -power (better for short runs).",
-    )
-    group.add_argument("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up inverse gamma.")
-    group.add_argument("--ema_power", type=float, default=0.75, help="EMA warm-up power (3/4 suits < 200k steps).")
-    group.add_argument("--ema_update_after_step", type=int, default=0, help="Start averaging after this step.")
+    _common.add_ema_arguments(parser)
 
     _common.add_checkpoint_arguments(parser, checkpointing_default=500)
 
@@ -576,7 +559,6 @@ def main(argv=None) -> int:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from diffusers import DDPMScheduler
-    from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
     from diffusers_diffae import DiffAEUNet2DModel, SemanticEncoder
@@ -655,28 +637,8 @@ def main(argv=None) -> int:
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
     )
-    emas = []
-    if args.use_ema:
-        min_decay = (
-            args.ema_min_decay if args.ema_min_decay is not None else (0.0 if args.ema_warmup else args.ema_decay)
-        )
-        for part, cls in ((unet, DiffAEUNet2DModel), (encoder, SemanticEncoder)):
-            if part is None:
-                continue
-            emas.append(
-                EMAModel(
-                    part.parameters(),
-                    decay=args.ema_decay,
-                    min_decay=float(min_decay),
-                    update_after_step=args.ema_update_after_step,
-                    use_ema_warmup=args.ema_warmup,
-                    inv_gamma=args.ema_inv_gamma,
-                    power=args.ema_power,
-                    foreach=True,
-                    model_cls=cls,
-                    model_config=part.config,
-                )
-            )
+    parts = ((unet, DiffAEUNet2DModel), (encoder, SemanticEncoder))
+    emas = [_common.make_ema(args, part, cls) for part, cls in parts if part is not None] if args.use_ema else []
     # The sharded loader's length decides the epoch: (N // batch) // processes batches with drop_last.
     train_dataloader = accelerator.prepare(train_dataloader)
     steps_per_epoch, max_train_steps, num_epochs, lr_scheduler = _common.plan_steps_and_lr_schedule(

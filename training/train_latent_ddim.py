@@ -90,15 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--seed", type=int, default=None)
     group.add_argument("--num_threads", type=int, default=None, help="CPU threads per process.")
 
-    group = parser.add_argument_group("EMA")
-    group.add_argument("--use_ema", action="store_true", help="Average the denoiser weights (official 0.9999).")
-    group.add_argument("--ema_decay", type=float, default=0.9999)
-    group.add_argument(
-        "--ema_min_decay", type=float, default=None, help="Default: --ema_decay (constant) or 0 with warm-up."
-    )
-    group.add_argument("--ema_warmup", action="store_true", help="diffusers EMA warm-up (for short runs).")
-    group.add_argument("--ema_inv_gamma", type=float, default=1.0)
-    group.add_argument("--ema_power", type=float, default=0.75)
+    _common.add_ema_arguments(parser)
 
     _common.add_checkpoint_arguments(parser, checkpointing_default=1000)
     group = parser.add_argument_group("output")
@@ -227,7 +219,6 @@ def main(argv=None) -> int:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from diffusers import DDIMScheduler, DDPMScheduler
-    from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
     from diffusers_diffae import DiffAEPipeline, LatentMLPDenoiser
@@ -307,24 +298,7 @@ def main(argv=None) -> int:
         weight_decay=args.weight_decay,
         eps=args.adam_epsilon,
     )
-    emas = []
-    if args.use_ema:
-        min_decay = (
-            args.ema_min_decay if args.ema_min_decay is not None else (0.0 if args.ema_warmup else args.ema_decay)
-        )
-        emas.append(
-            EMAModel(
-                denoiser.parameters(),
-                decay=args.ema_decay,
-                min_decay=float(min_decay),
-                use_ema_warmup=args.ema_warmup,
-                inv_gamma=args.ema_inv_gamma,
-                power=args.ema_power,
-                foreach=True,
-                model_cls=LatentMLPDenoiser,
-                model_config=denoiser.config,
-            )
-        )
+    emas = [_common.make_ema(args, denoiser, LatentMLPDenoiser)] if args.use_ema else []
     steps_per_epoch, max_train_steps, num_epochs, lr_scheduler = _common.plan_steps_and_lr_schedule(
         args, optimizer, len(train_dataloader), accelerator.num_processes
     )
