@@ -705,10 +705,11 @@ class DiffAEPipeline(DiffusionPipeline):
         Returns:
             [`~diffusers.ImagePipelineOutput`] with one edited image per input.
         """
-        uses_strength = target_logit is None and target_probability is None
-        if uses_strength and (isinstance(strength, bool) or not isinstance(strength, (numbers.Real, torch.Tensor))):
-            # checked before encoding, which is the expensive part
-            raise ValueError(f"strength must be a number or a (B,) tensor, got {type(strength).__name__}")
+        if target_logit is None and target_probability is None:  # checked before encoding, the expensive part
+            if isinstance(strength, bool) or not isinstance(strength, (numbers.Real, torch.Tensor)):
+                raise ValueError(f"strength must be a number or a (B,) tensor, got {type(strength).__name__}")
+            if not torch.isfinite(torch.as_tensor(strength, dtype=torch.float32)).all():
+                raise ValueError(f"strength must be finite, got {strength}")
         latents = self._as_latents(images_or_latents, encode_num_inference_steps)
         z_sem = latents.z_sem
         if direction is None:
@@ -749,8 +750,6 @@ class DiffAEPipeline(DiffusionPipeline):
             alpha = torch.as_tensor(strength, dtype=torch.float32, device=z_sem.device).reshape(-1)
             if alpha.numel() not in (1, z_sem.shape[0]):
                 raise ValueError(f"strength must be a number or have one value per image ({z_sem.shape[0]})")
-            if not torch.isfinite(alpha).all():
-                raise ValueError(f"strength must be finite, got {strength}")
         z_n = z_n + alpha[:, None] * math.sqrt(w.shape[-1]) * w / w.norm(dim=-1, keepdim=True)
         edited = stats.denormalize_z_sem(z_n).to(z_sem.dtype)
         return self.decode(edited, latents.x_T, num_inference_steps, output_type=output_type, return_dict=return_dict)
