@@ -46,6 +46,9 @@ def test_demo_writes_every_section(tmp_path, model_dir, samples_dir, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"reconstruction (inverted x_T)", "z_sem only (random x_T)"}
     assert 0 <= metrics["reconstruction (inverted x_T)"]["mse"] < 1
+    if metrics["reconstruction (inverted x_T)"]["ssim"] is not None:  # with the `metrics` extra
+        for values in metrics.values():  # plain SSIM and the official (zero-padded) one, both measured
+            assert -1 <= values["ssim"] <= 1 and -1 <= values["ssim_official"] <= 1
     html = (out / "index.html").read_text()
     assert "reconstructions.png" in html and "few_shot_samples.png" in html
     assert "index.html" in capsys.readouterr().out

@@ -68,6 +68,38 @@ def test_ssim_identical_constant_and_library_pair():
         metrics.ssim(x[..., :8, :8], y[..., :8, :8])
 
 
+def test_ssim_zero_padding_is_the_official_protocol():
+    """zero_padding=True against the official diffae `ssim.py` formula, written out here: per-channel Gaussian conv2d
+    with padding win // 2 (zeros outside the image), the map averaged over every pixel."""
+    pytest.importorskip("pytorch_msssim")
+    g = torch.Generator().manual_seed(1)
+
+    def official(a, b, win=11, sigma=1.5):
+        coords = torch.arange(win, dtype=torch.float64) - win // 2
+        k = torch.exp(-(coords**2) / (2 * sigma**2))
+        k = (k / k.sum()).float()
+        window = (k[:, None] * k[None, :]).expand(a.shape[1], 1, win, win)
+
+        def blur(t):
+            return torch.nn.functional.conv2d(t, window, padding=win // 2, groups=a.shape[1])
+
+        mu_a, mu_b = blur(a), blur(b)
+        var_a, var_b, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
+        c1, c2 = 0.01**2, 0.03**2
+        m = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+        return m.flatten(1).mean(1)
+
+    for size in (8, 32):  # 8 px is smaller than the window: the official code still measures it
+        x = torch.rand(3, 3, size, size, generator=g)
+        y = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+        padded = metrics.ssim(x, y, zero_padding=True)
+        assert padded.shape == (3,)
+        assert torch.allclose(padded, official(x, y), atol=1e-5)
+    # The zeros outside the image push SSIM up at the borders: above the valid-window SSIM of the same pair.
+    assert (padded > metrics.ssim(x, y)).all()
+    assert torch.allclose(metrics.ssim(x, x, zero_padding=True), torch.ones(3), atol=1e-6)
+
+
 def test_pixel_change_by_hand():
     before = torch.zeros(1, 3, 2, 2)
     after = before.clone()
@@ -347,6 +379,7 @@ def test_evaluation_command_end_to_end(tmp_path):
     }
     for row in rows.values():
         assert 0 <= row["mse"] <= 1 and math.isfinite(row["psnr"]) and -1 <= row["ssim"] <= 1
+        assert -1 <= row["ssim_official"] <= 1
         assert row["psnr"] == pytest.approx(10 * math.log10(1 / row["mse"]), abs=3.0)  # mean of logs vs log of mean
     assert saved["reconstruction"]["lpips"].startswith("skipped:") or "lpips" in rows[("DiffAE (inverted x_T)", 2)]
     kept = saved["reconstruction"]["attributes_kept"]
@@ -425,6 +458,27 @@ def test_latent_section_tells_a_copying_sampler_from_a_fresh_one(monkeypatch):
 
     pipe.latent_denoiser = None
     assert evaluation.latent([2])["skipped"].startswith("skipped: the pipeline has no latent_denoiser")
+
+
+def test_reconstruction_claims_use_the_official_ssim_when_measured():
+    def claim(with_official):
+        values = {  # plain SSIM says DDIM wins, the official zero-padded SSIM says z_sem alone does
+            "DiffAE (inverted x_T)": (0.9, 0.95),
+            "DiffAE (z_sem only, random x_T)": (0.5, 0.7),
+            "DDIM baseline (inverted x_T)": (0.6, 0.65),
+        }
+        rows = []
+        for m, (plain, official) in values.items():
+            rows.append({"model": m, "T": 10, "mse": 0.01, "psnr": 20.0, "ssim": plain})
+            if with_official:
+                rows[-1]["ssim_official"] = official
+        claims = check_claims({"reconstruction": {"rows": rows}})
+        return next(c for c in claims if c["claim"].startswith("z_sem alone"))
+
+    official = claim(True)
+    assert official["holds"] is True and official["measured"] == "SSIM (official) 0.700 vs 0.650"
+    plain = claim(False)  # a report from before the official SSIM was measured
+    assert plain["holds"] is False and plain["measured"] == "SSIM 0.500 vs 0.600"
 
 
 def test_attributes_kept_claim_compares_z_sem_only_decodes_with_the_inputs():

@@ -87,14 +87,16 @@ def rows_per_input(inputs: torch.Tensor, outputs: torch.Tensor) -> List[List[PIL
 
 
 def reconstruction_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict:
-    """MSE, PSNR (dB) and SSIM (7x7 window) of images in [0, 1], averaged over the batch; the evaluation's metrics."""
+    """MSE, PSNR (dB), SSIM (7x7 window inside the image) and the official code's SSIM (11x11, zero-padded, the
+    paper's protocol) of images in [0, 1], averaged over the batch; the evaluation's metrics."""
     from .evaluation import metrics
 
     result = {"mse": metrics.mse(pred, target).mean().item(), "psnr": metrics.psnr(pred, target).mean().item()}
     try:
         result["ssim"] = metrics.ssim(pred, target, win_size=7).mean().item()
-    except ImportError:
-        result["ssim"] = None  # reported as "not measured" (pytorch-msssim is in the `metrics` extra)
+        result["ssim_official"] = metrics.ssim(pred, target, zero_padding=True).mean().item()
+    except ImportError:  # reported as "not measured" (pytorch-msssim is in the `metrics` extra)
+        result["ssim"] = result["ssim_official"] = None
     return result
 
 
@@ -227,8 +229,8 @@ def run_demo(args) -> int:
     _write_index(out, sections, numbers, steps, time.time() - start)
     (out / "metrics.json").write_text(json.dumps(numbers, indent=2))
     for name, values in numbers.items():
-        ssim = "n/a" if values["ssim"] is None else f"{values['ssim']:.4f}"
-        print(f"  {name}: MSE {values['mse']:.5f}  PSNR {values['psnr']:.2f} dB  SSIM {ssim}")
+        ssim, official = ("n/a" if values[k] is None else f"{values[k]:.4f}" for k in ("ssim", "ssim_official"))
+        print(f"  {name}: MSE {values['mse']:.5f}  PSNR {values['psnr']:.2f} dB  SSIM {ssim} (official: {official})")
     print(f"done in {time.time() - start:.0f} s: open {out.resolve() / 'index.html'}")
     return 0
 
@@ -242,7 +244,8 @@ def _default_edit_attributes(classifier) -> List[str]:
 def _write_index(out: Path, sections, numbers, steps, seconds) -> None:
     rows = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{v['mse']:.5f}</td><td>{v['psnr']:.2f}</td>"
-        f"<td>{'n/a' if v['ssim'] is None else format(v['ssim'], '.4f')}</td></tr>"
+        + "".join(f"<td>{'n/a' if v[m] is None else format(v[m], '.4f')}</td>" for m in ("ssim", "ssim_official"))
+        + "</tr>"
         for k, v in numbers.items()
     )
     body = "".join(
@@ -254,7 +257,8 @@ def _write_index(out: Path, sections, numbers, steps, seconds) -> None:
         "<style>body{font-family:sans-serif;max-width:60em;margin:auto}img{image-rendering:pixelated;max-width:100%}"
         "td,th{padding:.2em .8em}</style>"
         f"<h1>Diffusion Autoencoders demo</h1><p>DDIM steps T={steps}; made in {seconds:.0f} s.</p>"
-        f"<table><tr><th></th><th>MSE</th><th>PSNR (dB)</th><th>SSIM</th></tr>{rows}</table>{body}"
+        f"<table><tr><th></th><th>MSE</th><th>PSNR (dB)</th><th>SSIM</th><th>SSIM, official (zero-padded: the paper's)</th></tr>"
+        f"{rows}</table>{body}"
     )
 
 

@@ -71,8 +71,10 @@ def markdown(results: Dict, title: str, plot_name: Optional[str], grid_name: Opt
             lines += [f"LPIPS: {rec.get('lpips')}.", ""]
         if rec.get("baseline") != "evaluated":
             lines += [f"DDIM baseline: {rec.get('baseline')}.", ""]
-        metrics = ["ssim", "psnr", "mse"] + (["lpips"] if rec.get("lpips") == "computed" else [])
+        metrics = ["ssim", "ssim_official", "psnr", "mse"] + (["lpips"] if rec.get("lpips") == "computed" else [])
         for key in metrics:
+            if not any(key in row for row in rec["rows"]):  # reports written before SSIM_OFFICIAL existed
+                continue
             models, steps, lookup = _by_model_and_T(rec["rows"], key)
             lines += [f"**{key.upper()}**", ""]
             lines += _table(
@@ -300,10 +302,11 @@ def quality_plot(results: Dict, path: str) -> Optional[str]:
     rec = results.get("reconstruction", {}).get("rows", [])
     for key, label, log in (
         ("ssim", "SSIM (higher is better)", False),
+        ("ssim_official", "SSIM, official zero-padded (higher is better)", False),
         ("psnr", "PSNR dB (higher is better)", False),
         ("mse", "MSE (lower is better)", True),
     ):
-        if rec:
+        if any(key in row for row in rec):
             panels.append((rec, key, label, log))
     fid_rows = results.get("sampling", {}).get("rows", [])
     if fid_rows:
