@@ -54,13 +54,14 @@ def ssim(
 
     - `zero_padding=False` (most libraries' SSIM: pytorch-msssim, scikit-image): the window only visits positions
       where it lies inside the image, so images must be at least `win_size` pixels wide and high.
-    - `zero_padding=True`: **the official DiffAE protocol**, behind the paper's SSIM numbers (Tables 1-2): phizaz/diffae
-      `ssim.py` (Po-Hsun Su's pytorch_ssim), called by `metrics.evaluate_lpips`, convolves with `padding=win // 2`,
-      so the window also visits border pixels with zeros outside the image, and the map is averaged over all
-      H x W positions. Padding both images with zeros and taking the valid map is the same computation, which lets
-      pytorch-msssim do it. The zeros give both images a large local variance and covariance at the borders, which
-      pushes SSIM there toward 1: the smaller the image, the higher the score (the bundled 32 px model's T=20
-      reconstructions of 192 test images: 0.923 without, 0.956 with). Compare with the paper's numbers only with `zero_padding=True`.
+    - `zero_padding=True`: **the official DiffAE protocol**, behind the paper's SSIM numbers (Tables 1-2):
+      phizaz/diffae `ssim.py` (Po-Hsun Su's pytorch_ssim), called by `metrics.evaluate_lpips`, convolves with
+      `padding=win // 2`, so the window also visits border pixels with zeros outside the image, and the map is
+      averaged over all H x W positions. Padding both images with zeros and taking the valid map is the same
+      computation, which lets pytorch-msssim do it. The zeros give both images a large local variance and covariance
+      at the borders, which pushes SSIM there toward 1: the smaller the image, the higher the score (the bundled
+      32 px model's T=20 reconstructions of 192 test images: 0.923 without, 0.956 with). Compare with the paper's
+      numbers only with `zero_padding=True`.
     """
     _check_pair(x, y)
     try:

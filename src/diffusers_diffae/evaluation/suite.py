@@ -938,7 +938,9 @@ def check_claims(results: Dict) -> List[Dict]:
             table[(inv, T)][key] > table[(ddim, T)][key] and table[(inv, T)]["mse"] < table[(ddim, T)]["mse"]
             for T in steps
         ]
-        text = ", ".join(f"T={T}: {ssim_name} {table[(inv, T)][key]:.3f} vs {table[(ddim, T)][key]:.3f}" for T in steps)
+        text = ", ".join(
+            f"T={T}: {ssim_name} {table[(inv, T)][key]:.3f} vs {table[(ddim, T)][key]:.3f}" for T in steps
+        )
         claims.append(
             _claim(
                 "DiffAE reconstructs better than DDIM at every T (SSIM higher, MSE lower)",
