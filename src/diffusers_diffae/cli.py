@@ -257,7 +257,8 @@ def _write_index(out: Path, sections, numbers, steps, seconds) -> None:
         "<style>body{font-family:sans-serif;max-width:60em;margin:auto}img{image-rendering:pixelated;max-width:100%}"
         "td,th{padding:.2em .8em}</style>"
         f"<h1>Diffusion Autoencoders demo</h1><p>DDIM steps T={steps}; made in {seconds:.0f} s.</p>"
-        f"<table><tr><th></th><th>MSE</th><th>PSNR (dB)</th><th>SSIM</th><th>SSIM, official (zero-padded: the paper's)</th></tr>"
+        "<table><tr><th></th><th>MSE</th><th>PSNR (dB)</th><th>SSIM</th>"
+        "<th>SSIM, official (zero-padded: the paper's)</th></tr>"
         f"{rows}</table>{body}"
     )
 
