@@ -229,7 +229,7 @@ def run_demo(args) -> int:
     _write_index(out, sections, numbers, steps, time.time() - start)
     (out / "metrics.json").write_text(json.dumps(numbers, indent=2))
     for name, values in numbers.items():
-        ssim, official = ("n/a" if values[k] is None else f"{values[k]:.4f}" for k in ("ssim", "ssim_official"))
+        ssim, official = (_ssim_text(values[k]) for k in ("ssim", "ssim_official"))
         print(f"  {name}: MSE {values['mse']:.5f}  PSNR {values['psnr']:.2f} dB  SSIM {ssim} (official: {official})")
     print(f"done in {time.time() - start:.0f} s: open {out.resolve() / 'index.html'}")
     return 0
@@ -241,10 +241,15 @@ def _default_edit_attributes(classifier) -> List[str]:
     return names[:3] or classifier.attribute_names[:2]
 
 
+def _ssim_text(value: Optional[float]) -> str:
+    """An SSIM for the console and index.html; None (pytorch-msssim not installed) reads "n/a"."""
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def _write_index(out: Path, sections, numbers, steps, seconds) -> None:
     rows = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{v['mse']:.5f}</td><td>{v['psnr']:.2f}</td>"
-        + "".join(f"<td>{'n/a' if v[m] is None else format(v[m], '.4f')}</td>" for m in ("ssim", "ssim_official"))
+        + "".join(f"<td>{_ssim_text(v[m])}</td>" for m in ("ssim", "ssim_official"))
         + "</tr>"
         for k, v in numbers.items()
     )
