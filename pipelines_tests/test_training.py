@@ -525,6 +525,41 @@ def test_classifier_rejects_bad_label_columns(columns, extra, message, trained_p
     assert not (tmp_path / "out").exists()
 
 
+def test_max_train_minutes_stops_with_a_checkpoint_and_the_pipeline(data, tmp_path, caplog):
+    """A run lent a fixed time stops at the first logging step past its budget (here 0 minutes: step 2), saves a
+    checkpoint there although it is off the checkpointing grid, exports the pipeline, and resumes from it (with
+    another EMA decay, for a machine that trains at another batch size)."""
+    caplog.set_level("INFO")
+    out = tmp_path / "timed"
+    common = ["--dataset_name", data["saved"], "--model_config", data["config"], "--train_batch_size", 8,
+              "--use_ema", "--checkpointing_steps", 5, "--validation_steps", 0, "--seed", 0, "--output_dir", out,
+              *QUIET]  # fmt: skip
+    assert run_main(train_diffae, [*common, "--max_train_steps", 50, "--max_train_minutes", 0]) == 0
+    assert "--max_train_minutes 0 reached at step 2" in caplog.text
+    assert [os.path.basename(c) for c in _common.list_checkpoints(str(out))] == ["checkpoint-2"]
+    assert json.loads((out / "training_args.json").read_text())["global_step"] == 2
+    assert (out / "model_index.json").exists()
+    # The resumed run may change the EMA decay, as it may the learning rate, and the batch (as a GPU would); the
+    # checkpoint and the card record both, and count the images seen.
+    resume = ["--max_train_steps", 4, "--resume_from_checkpoint", "latest", "--ema_decay", 0.99,
+              "--checkpointing_steps", 2, "--train_batch_size", 4]  # fmt: skip
+    assert run_main(train_diffae, [*common, *resume]) == 0
+    assert json.loads((out / "training_args.json").read_text())["global_step"] == 4
+    assert "unet_ema was saved with decay 0.9999; continuing with --ema_decay 0.99" in caplog.text
+    assert json.loads((out / "checkpoint-4" / "unet_ema" / "config.json").read_text())["decay"] == 0.99
+    state = json.loads((out / "checkpoint-4" / _common.TRAINING_STATE_FILE).read_text())
+    assert state["images_per_step_history"] == [
+        {"steps": [0, 2], "images_per_step": 8},
+        {"steps": [2, 4], "images_per_step": 4},
+    ]
+    assert state["ema_decay_history"] == [{"steps": [0, 2], "ema_decay": 0.9999}, {"steps": [2, 4], "ema_decay": 0.99}]
+    card = (out / "README.md").read_text()
+    assert "- steps: 4 (24 images seen), images per step: 8 (steps 0-2), 4 (steps 2-4)" in card
+    assert "decay 0.9999 (steps 0-2), 0.99 (steps 2-4)" in card
+    with pytest.raises(_common.TrainingInputError, match="--max_train_minutes must not be negative"):
+        run_main(train_diffae, [*common, "--max_train_minutes", -1])
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, caplog):
     out = tmp_path / "nan"
     # Adam moves every weight by ~lr per step: 1e36 overflows the forward pass within a couple of steps.
@@ -563,6 +598,17 @@ def test_learning_rate_history_fills_legacy_steps_with_the_restored_rate():
     assert _common.describe_history(legacy, "learning_rate", "?") == "0.0003 (steps 0-40), 0.0001 (steps 40-50)"
     again = _common.learning_rate_history({"learning_rate_history": legacy}, 50, 60, 1e-4, resumed_rate=1e-4)
     assert again == [{"steps": [0, 40], "learning_rate": 3e-4}, {"steps": [40, 60], "learning_rate": 1e-4}]
+
+
+def test_batch_and_ema_histories_fill_legacy_steps_from_the_checkpoint():
+    # A checkpoint from before the records: its saved layout and its EMA's decay stand for the steps it ran.
+    legacy = {"global_step": 100, "num_processes": 2, "train_batch_size": 16}
+    batches = _common.images_per_step_history(legacy, 100, 110, 256)
+    assert batches == [{"steps": [0, 100], "images_per_step": 32}, {"steps": [100, 110], "images_per_step": 256}]
+    assert _common.images_seen(batches) == 100 * 32 + 10 * 256
+    assert _common.images_seen(_common.images_per_step_history({"global_step": 5}, 5, 6, 8)) is None  # unknown
+    decays = _common.ema_decay_history(legacy, 100, 110, 0.996, resumed_decay=0.9995)
+    assert decays == [{"steps": [0, 100], "ema_decay": 0.9995}, {"steps": [100, 110], "ema_decay": 0.996}]
 
 
 def test_set_peak_learning_rate_keeps_the_schedule_shape():

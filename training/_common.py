@@ -623,6 +623,43 @@ def learning_rate_history(
     return setting_history(earlier, "learning_rate", start_step, step, learning_rate, unrecorded=resumed_rate)
 
 
+def images_per_step_history(
+    resume_state: Optional[Dict[str, Any]], start_step: int, step: int, images_per_step: int
+) -> List[Dict[str, Any]]:
+    """Images per optimizer step (processes x batch x accumulation) of each stretch of steps.
+
+    A run continued on a GPU at a larger batch makes "steps x batch" wrong, so the checkpoint carries the record and
+    `images_seen` sums it. A checkpoint written before the record existed ran at its saved `num_processes x
+    train_batch_size` (it did not record gradient accumulation, which its runs did not use).
+    """
+    earlier = (resume_state or {}).get("images_per_step_history")
+    unrecorded = None
+    if resume_state and resume_state.get("train_batch_size"):
+        unrecorded = int(resume_state.get("num_processes", 1)) * int(resume_state["train_batch_size"])
+    return setting_history(earlier, "images_per_step", start_step, step, images_per_step, unrecorded=unrecorded)
+
+
+def ema_decay_history(
+    resume_state: Optional[Dict[str, Any]],
+    start_step: int,
+    step: int,
+    ema_decay: Optional[float],
+    resumed_decay: Optional[float] = None,
+) -> List[Dict[str, Any]]:
+    """The EMA decay of each stretch of steps (`None` without EMA); a resumed run may change `--ema_decay`, for
+    instance to keep the EMA's window in images when the batch grows. A checkpoint written before the record existed
+    ran at `resumed_decay`, the decay its saved EMA carries."""
+    earlier = (resume_state or {}).get("ema_decay_history")
+    return setting_history(earlier, "ema_decay", start_step, step, ema_decay, unrecorded=resumed_decay)
+
+
+def images_seen(history: List[Dict[str, Any]]) -> Optional[int]:
+    """Total images of an `images_per_step_history`, or None where a stretch is unrecorded."""
+    if any(h["images_per_step"] is None for h in history):
+        return None
+    return sum((h["steps"][1] - h["steps"][0]) * h["images_per_step"] for h in history)
+
+
 def describe_history(history: List[Dict[str, Any]], key: str, fallback: str) -> str:
     """One line for a model card: `bf16`, or `no (steps 0-42250), bf16 (steps 42250-51750)` where it changed."""
     if not history:
@@ -783,6 +820,13 @@ class Throughput:
         steps_per_s = (steps - self.steps) / elapsed
         self.time, self.steps = now, steps
         return steps_per_s, steps_per_s * images_per_step
+
+
+def deadline_passed(accelerator, deadline: float) -> bool:
+    """True on every process once any process's `time.monotonic()` has passed `deadline`, so that all of them stop
+    at the same step (a collective: call it at the same steps on every process)."""
+    passed = torch.tensor(float(time.monotonic() >= deadline), device=accelerator.device)
+    return bool(accelerator.reduce(passed, reduction="sum").item() > 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

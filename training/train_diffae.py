@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 import uuid
 from typing import Any, Dict, Optional
 
@@ -99,6 +100,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--train_batch_size", type=int, default=32, help="Images per process and micro-step.")
     group.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_epochs.")
     group.add_argument("--num_epochs", type=int, default=100, help="Epochs when --max_train_steps is not given.")
+    group.add_argument(
+        "--max_train_minutes",
+        type=float,
+        default=None,
+        help="Also stop after this many minutes of training (checked every --logging_steps steps), then save a "
+        "checkpoint and the pipeline as at the end: for a machine lent for a fixed time.",
+    )
     group.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-steps per optimizer step.")
     group.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate (official: 1e-4).")
     group.add_argument(
@@ -497,16 +505,24 @@ def model_card(
     learning_rate = _common.describe_history(
         state.get("learning_rate_history", []), "learning_rate", str(args.learning_rate)
     )
+    batches = state.get("images_per_step_history", [])
+    seen = _common.images_seen(batches)
+    steps = f"{global_step}" + (f" ({seen} images seen)" if seen is not None else "")
+    if len(batches) > 1:
+        steps += ", images per step: " + _common.describe_history(batches, "images_per_step", "")
+    else:
+        steps += f" x {args.train_batch_size * args.gradient_accumulation_steps} images per process"
     ema = "none"
     if args.use_ema:
-        ema = f"decay {args.ema_decay}" + (
+        decay = _common.describe_history(state.get("ema_decay_history", []), "ema_decay", str(args.ema_decay))
+        ema = f"decay {decay}" + (
             f", warm-up (inv_gamma {args.ema_inv_gamma}, power {args.ema_power})" if args.ema_warmup else ""
         )
     text += (
         "\n## Training\n\n"
         f"- data: `{dataset_name}` ({num_images} images, {args.resolution}x{args.resolution}, "
         f"{'random flips' if args.random_flip else 'no flips'})\n"
-        f"- steps: {global_step} x {args.train_batch_size * args.gradient_accumulation_steps} images per process\n"
+        f"- steps: {steps}\n"
         f"- optimiser: {args.optimizer}, learning rate {learning_rate} ({args.lr_scheduler}), "
         f"gradient clip {args.max_grad_norm}\n"
         f"- EMA: {ema}\n"
@@ -552,6 +568,8 @@ def main(argv=None) -> int:
         raise TrainingInputError("--lora_encoder needs --use_lora")
     if args.validation_interpolation_frames < 2:
         raise TrainingInputError("--validation_interpolation_frames must be at least 2")
+    if args.max_train_minutes is not None and args.max_train_minutes < 0:
+        raise TrainingInputError("--max_train_minutes must not be negative")
     resume_checkpoint = _common.resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     resume_state = _common.read_training_state(resume_checkpoint)
     configs = resolve_model_configs(args)
@@ -666,6 +684,8 @@ def main(argv=None) -> int:
         while weights:  # the folders above replace accelerate's own model files
             weights.pop()
 
+    resumed_decay = {}  # the EMA decay the resumed checkpoint ran at, for its history (set by load_model_hook)
+
     def load_model_hook(models, input_dir):
         inner = accelerator.unwrap_model(models.pop())
         if args.use_lora:
@@ -684,6 +704,10 @@ def main(argv=None) -> int:
                 )
         for ema, name, part in zip(emas, ("unet_ema", "encoder_ema"), (inner.unet, inner.encoder)):
             _common.load_ema_folder(ema, os.path.join(input_dir, name), part, accelerator.device)
+            resumed_decay[name] = ema.decay
+            if ema.decay != args.ema_decay:  # as with --learning_rate, the resumed run's --ema_decay wins
+                log(f"{name} was saved with decay {ema.decay:g}; continuing with --ema_decay {args.ema_decay:g}")
+                ema.decay = args.ema_decay
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -722,6 +746,8 @@ def main(argv=None) -> int:
         f"{images_per_step} images per step"
     )
     guard = _common.NonFiniteLossGuard(accelerator.device)
+    deadline = None if args.max_train_minutes is None else time.monotonic() + 60 * args.max_train_minutes
+    time_up = False
     last_checkpoint = resume_checkpoint
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -747,6 +773,16 @@ def main(argv=None) -> int:
             "learning_rate_history": _common.learning_rate_history(
                 resume_state, start_step, global_step, learning_rate, resumed_rate
             ),
+            "images_per_step_history": _common.images_per_step_history(
+                resume_state, start_step, global_step, images_per_step
+            ),
+            "ema_decay_history": _common.ema_decay_history(
+                resume_state,
+                start_step,
+                global_step,
+                args.ema_decay if args.use_ema else None,
+                resumed_decay.get("unet_ema"),
+            ),
         }
 
     def validate():
@@ -765,7 +801,7 @@ def main(argv=None) -> int:
 
     try:
         for epoch in range(first_epoch, num_epochs):
-            if global_step >= max_train_steps:
+            if global_step >= max_train_steps or time_up:
                 break
             train_dataset.set_epoch(epoch)
             loader = train_dataloader
@@ -816,8 +852,11 @@ def main(argv=None) -> int:
                         loss=f"{mean_loss:.4f}", steps_s=f"{steps_per_s:.2f}", img_s=f"{images_per_s:.1f}"
                     )
                     accelerator.log(logs, step=global_step)
+                    if deadline is not None and _common.deadline_passed(accelerator, deadline):
+                        time_up = True
+                        log(f"--max_train_minutes {args.max_train_minutes:g} reached at step {global_step}")
 
-                if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                if args.checkpointing_steps and (global_step % args.checkpointing_steps == 0 or time_up):
                     guard.check(accelerator, last_checkpoint)
                     _common.check_finite_weights(parameters, global_step, last_checkpoint)
                     last_checkpoint = _common.save_checkpoint(
@@ -827,7 +866,7 @@ def main(argv=None) -> int:
 
                 if args.validation_steps and global_step % args.validation_steps == 0:
                     validate()
-                if global_step >= max_train_steps:
+                if global_step >= max_train_steps or time_up:
                     break
         guard.check(accelerator, last_checkpoint)
         _common.check_finite_weights(parameters, global_step, last_checkpoint)
