@@ -64,7 +64,7 @@ def markdown(results: Dict, title: str, plot_name: Optional[str], grid_name: Opt
         lines += [
             "## Reconstruction (§5.4, Tables 1-2; §5.5)",
             "",
-            f"{rec['num_images']} test images. {rec['protocol']}.",
+            f"{rec['num_images']} images of split `{results.get('split')}`. {rec['protocol']}.",
             "",
         ]
         if rec.get("lpips") != "computed":
@@ -102,7 +102,7 @@ def markdown(results: Dict, title: str, plot_name: Optional[str], grid_name: Opt
         if "skipped" in rep:
             lines += [rep["skipped"] + ".", ""]
         else:
-            lines += [f"{rep['num_images']} test images. {rep['protocol']}.", ""]
+            lines += [f"{rep['num_images']} images of split `{results.get('split')}`. {rep['protocol']}.", ""]
             spaces = list(rep["mean"]) or ["z_sem", "x_T", "pixels"]
             rows = []
             for name, entry in rep["attributes"].items():
