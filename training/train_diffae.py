@@ -507,11 +507,12 @@ def model_card(
     )
     batches = state.get("images_per_step_history", [])
     seen = _common.images_seen(batches)
-    steps = f"{global_step}" + (f" ({seen} images seen)" if seen is not None else "")
     if len(batches) > 1:
-        steps += ", images per step: " + _common.describe_history(batches, "images_per_step", "")
+        steps = f"{global_step} ({seen} images seen), images per step: "
+        steps += _common.describe_history(batches, "images_per_step", "")
     else:
-        steps += f" x {args.train_batch_size * args.gradient_accumulation_steps} images per process"
+        steps = f"{global_step} x {args.train_batch_size * args.gradient_accumulation_steps} images per process"
+        steps += f" ({seen} images seen)" if seen is not None else ""
     ema = "none"
     if args.use_ema:
         decay = _common.describe_history(state.get("ema_decay_history", []), "ema_decay", str(args.ema_decay))
