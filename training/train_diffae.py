@@ -508,7 +508,7 @@ def model_card(
     batches = state.get("images_per_step_history", [])
     seen = _common.images_seen(batches)
     if len(batches) > 1:
-        steps = f"{global_step} ({seen} images seen), images per step: "
+        steps = f"{global_step}" + (f" ({seen} images seen)" if seen is not None else "") + ", images per step: "
         steps += _common.describe_history(batches, "images_per_step", "")
     else:
         steps = f"{global_step} x {args.train_batch_size * args.gradient_accumulation_steps} images per process"
