@@ -507,12 +507,13 @@ def model_card(
     )
     batches = state.get("images_per_step_history", [])
     seen = _common.images_seen(batches)
+    seen_text = f" ({seen} images seen)" if seen is not None else ""
     if len(batches) > 1:
-        steps = f"{global_step}" + (f" ({seen} images seen)" if seen is not None else "") + ", images per step: "
-        steps += _common.describe_history(batches, "images_per_step", "")
+        per_step = _common.describe_history(batches, "images_per_step", "")
+        steps = f"{global_step}{seen_text}, images per step: {per_step}"
     else:
-        steps = f"{global_step} x {args.train_batch_size * args.gradient_accumulation_steps} images per process"
-        steps += f" ({seen} images seen)" if seen is not None else ""
+        batch = args.train_batch_size * args.gradient_accumulation_steps
+        steps = f"{global_step} x {batch} images per process{seen_text}"
     ema = "none"
     if args.use_ema:
         decay = _common.describe_history(state.get("ema_decay_history", []), "ema_decay", str(args.ema_decay))
