@@ -646,6 +646,29 @@ def test_representation_folds_can_keep_groups_whole(tmp_path):
         run(build_parser().parse_args(argv + ["--probe_groups", "family"]))
 
 
+def test_subset_keeps_the_same_examples_of_both_splits(tmp_path):
+    import datasets
+
+    argv = _section_argv(tmp_path, "representation", "--probe_steps", "2", "--probe_folds", "2")
+    data = datasets.load_from_disk(str(tmp_path / "data"))
+    bright = {split: int(np.sum(np.array(data[split]["bright"]) == 1)) for split in ("train", "test")}
+    results = run(build_parser().parse_args(argv + ["--subset", "bright=1"]))
+    rep = results["representation"]
+    assert results["subset"] == "bright=1"
+    assert rep["num_images"] == bright["test"] and rep["num_probe_train_images"] == bright["train"]
+    assert "only examples with `bright=1`" in (tmp_path / "out" / "evaluation.md").read_text()
+    # Several values: `0|1` keeps everything.
+    rep = run(build_parser().parse_args(argv + ["--subset", "bright=0|1"]))["representation"]
+    assert rep["num_images"] == 16 and rep["num_probe_train_images"] == 30
+    for spec, message in (
+        ("bright", "must be COLUMN=VALUE"),
+        ("shade=1", "no column 'shade'"),
+        ("bright=7", r"keeps none of the 16 examples of split 'test'; bright has \['0', '1'\]"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            run(build_parser().parse_args(argv + ["--subset", spec]))
+
+
 def test_evaluation_command_reports_bad_input(tmp_path, capsys):
     pipe = _pipeline()
     pipe.save_pretrained(tmp_path / "pipe")

@@ -42,11 +42,12 @@ def _by_model_and_T(rows: List[Dict], key: str):
 
 def markdown(results: Dict, title: str, plot_name: Optional[str], grid_name: Optional[str]) -> str:
     env = results.get("environment", {})
+    subset = f"; only examples with `{results['subset']}`" if results.get("subset") else ""
     lines = [
         f"# {title}",
         "",
         f"Pipeline `{results.get('pipeline')}`; baseline `{results.get('baseline')}`; dataset `{results.get('dataset')}` "
-        f"(split `{results.get('split')}`), {results.get('resolution')} px. Seed {results.get('seed')}. "
+        f"(split `{results.get('split')}`{subset}), {results.get('resolution')} px. Seed {results.get('seed')}. "
         f"torch {env.get('torch')}, {env.get('cpu')}, {env.get('threads')} threads; {results.get('runtime_s')} s.",
         "",
     ]

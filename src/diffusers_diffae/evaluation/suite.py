@@ -10,7 +10,8 @@ Sections (paper map):
    with inverted x_T, DiffAE with random x_T ("z_sem only"), and the DDIM baseline with inverted x_T. Inversion and
    decoding use the same T (the official `inv<T>` evaluation).
 2. `representation` (Appendix E, Table 8): cross-validated linear-probe AUROC per attribute on z_sem, on DiffAE's
-   x_T, on raw pixels and on the baseline's x_T.
+   x_T, on raw pixels and on the baseline's x_T. `--subset` keeps only the examples an attribute is defined on
+   (e.g. gender=man|woman), in both splits.
 3. `interpolation` (Appendix F, Eq. 10): perceptual path length along lerp(z_sem) + slerp(x_T) paths, DiffAE vs
    slerp(x_T) paths of the baseline; distances in pixel MSE and, when available, Inception-v3 features.
 4. `manipulation` (§5.3, Appendix G): edits along the classifier direction to the Eq. 11 target; success measured
@@ -115,6 +116,24 @@ def load_dataset_split(path: str, split: str):
     if len(data) == 0:
         raise ValueError(f"split {split!r} of {path!r} is empty")
     return data
+
+
+def subset_dataset(dataset, spec: str, split: str):
+    """The examples whose column equals one of the values of `spec` ("COLUMN=VALUE" or "COLUMN=V1|V2", compared
+    with each entry's string form, as `binary_labels` does)."""
+    column, _, values = spec.partition("=")
+    if not column or not values:
+        raise ValueError(f"--subset must be COLUMN=VALUE or COLUMN=VALUE1|VALUE2, got {spec!r}")
+    if column not in dataset.column_names:
+        raise ValueError(f"--subset: dataset has no column {column!r}; it has {dataset.column_names}")
+    wanted = set(values.split("|"))
+    keep = [i for i, value in enumerate(dataset[column]) if str(value) in wanted]
+    if not keep:
+        found = sorted({str(v) for v in dataset[column]})[:20]
+        raise ValueError(
+            f"--subset {spec!r} keeps none of the {len(dataset)} examples of split {split!r}; {column} has {found}"
+        )
+    return dataset.select(keep)
 
 
 def load_images(
@@ -1140,6 +1159,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--image_column", default="image", help="Column with the images.")
     p.add_argument(
+        "--subset",
+        default=None,
+        help="Keep only the examples of both splits whose column equals one of the values, `COLUMN=VALUE` or "
+        "`COLUMN=V1|V2`; e.g. gender=man|woman makes is_woman a man-vs-woman attribute, as CelebA's Male attribute "
+        "is defined on faces only.",
+    )
+    p.add_argument(
         "--attributes",
         default="",
         help="Comma-separated binary label columns (bool or 0/1), or `column=value` to compare with one value.",
@@ -1259,9 +1285,12 @@ def run(args: argparse.Namespace, features: Optional[Callable] = None, features_
     groups = args.probe_groups if "representation" in sections else None
     where_column = where.split("=", 1)[0] if where else None
     columns = list(dict.fromkeys(c for c in (where_column, groups) if c))
+    test = load_dataset_split(args.dataset, args.split)
+    if args.subset:
+        test = subset_dataset(test, args.subset, args.split)
     data = load_images(
         pipe,
-        load_dataset_split(args.dataset, args.split),
+        test,
         args.image_column,
         attributes,
         args.max_images,
@@ -1274,6 +1303,8 @@ def run(args: argparse.Namespace, features: Optional[Callable] = None, features_
     train_data = None
     if {"manipulation", "reconstruction", "latent", "representation"} & set(sections) and args.train_split:
         train = load_dataset_split(args.dataset, args.train_split)
+        if args.subset:
+            train = subset_dataset(train, args.subset, args.train_split)
         train_data = load_images(pipe, train, args.image_column, attributes, args.max_train_images, args.seed)
 
     features_reason = None
@@ -1314,6 +1345,7 @@ def run(args: argparse.Namespace, features: Optional[Callable] = None, features_
         "baseline": os.path.abspath(args.baseline) if args.baseline else None,
         "dataset": os.path.abspath(args.dataset),
         "split": args.split,
+        "subset": args.subset,
         "resolution": pipe.unet.config.sample_size,
         "steps": steps,
         "seed": args.seed,
