@@ -637,7 +637,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument(
         "--fixture_dir",
         default=os.environ.get(
-            "DIFFAE_OFFICIAL_FIXTURES", os.path.join(os.path.dirname(REPO_ROOT), "shared", "fixtures", "official")
+            "DIFFAE_OFFICIAL_FIXTURES", os.path.join(REPO_ROOT, "pipelines_tests", "fixtures", "official")
         ),
         help="Folder with the official fixture checkpoint (last.ckpt, config.json, inputs.safetensors).",
     )

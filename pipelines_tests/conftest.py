@@ -5,7 +5,9 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("DIFFAE_OFFICIAL_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures" / "official"))
+# The official parity fixtures live in the repository (see fixtures/official/README.md); another set of the
+# same format can be checked with DIFFAE_OFFICIAL_FIXTURES=/path.
+FIXTURES = Path(os.environ.get("DIFFAE_OFFICIAL_FIXTURES", Path(__file__).parent / "fixtures" / "official"))
 
 # Reproducible CPU numerics; the fixtures were produced with 2 threads.
 torch.set_num_threads(2)

@@ -1,4 +1,4 @@
-"""Official checkpoint conversion, proven against the official code's outputs (../shared/fixtures/official)."""
+"""Official checkpoint conversion, proven against the official code's outputs (pipelines_tests/fixtures/official)."""
 
 import ast
 import json
