@@ -1,4 +1,4 @@
-"""Saving and loading `DiffAEPipeline`: folders, `custom_pipeline`, scheduler swaps, loader shims (offline)."""
+"""Saving and loading `DiffAEPipeline`: folders, `custom_pipeline`, scheduler swaps, and loading that runs no code."""
 
 import json
 import os
@@ -7,7 +7,6 @@ import shutil
 import pytest
 import torch
 from diffusers import (
-    DDIMInverseScheduler,
     DDIMScheduler,
     DDPMScheduler,
     DiffusionPipeline,
@@ -19,16 +18,19 @@ from diffusers.utils import dynamic_modules_utils
 
 from diffusers_diffae import (
     AttributeClassifier,
+    DiffAEInverseScheduler,
     DiffAEPipeline,
     DiffAEUNet2DModel,
     LatentMLPDenoiser,
     SemanticEncoder,
 )
-from diffusers_diffae.hub_utils import component_shim_source, component_shims_status
+from diffusers_diffae.pipelines.loading import component_shim_source
 from diffusers_diffae.presets import _ddim_config
 
 MODEL_COMPONENTS = ("unet", "encoder", "latent_denoiser", "classifier")
-SCHEDULER_COMPONENTS = ("scheduler", "inverse_scheduler", "latent_scheduler")
+OWN_COMPONENTS = MODEL_COMPONENTS + ("inverse_scheduler",)
+DIFFUSERS_COMPONENTS = ("scheduler", "latent_scheduler")
+MARKER_CODE = "import pathlib\npathlib.Path({marker!r}).write_text('ran')\n"
 
 
 def make_tiny_pipeline(seed: int = 0) -> DiffAEPipeline:
@@ -113,10 +115,10 @@ def test_save_load_round_trip_keeps_everything(tiny_pipe, saved_dir):
     assert loaded.classifier.attribute_names == ["a", "b"]
     assert loaded.classifier.attribute_type("b") == "continuous"
     assert list(loaded.classifier.config.target_logits) == [1.5, None]
-    for name in SCHEDULER_COMPONENTS:
+    for name in DIFFUSERS_COMPONENTS + ("inverse_scheduler",):
         assert type(getattr(loaded, name)) is type(getattr(tiny_pipe, name))
         assert plain_config(getattr(loaded, name)) == plain_config(getattr(tiny_pipe, name))
-    assert isinstance(loaded.inverse_scheduler, DDIMInverseScheduler)
+    assert isinstance(loaded.inverse_scheduler, DiffAEInverseScheduler)
 
     z_sem, x_T = fixed_codes()
     before = tiny_pipe.decode(z_sem, x_T, num_inference_steps=3, output_type="pt").images
@@ -130,13 +132,12 @@ def test_save_writes_community_file_and_verified_shims(saved_dir):
         assert "from diffusers_diffae import DiffAEPipeline" in f.read()
     config = DiffAEPipeline.load_config(saved_dir)
     assert config["_class_name"] == "DiffAEPipeline"  # a string keeps DiffAEPipeline.from_pretrained trust-free
-    for name in MODEL_COMPONENTS:
+    for name in OWN_COMPONENTS:
         module, class_name = config[name]
         with open(saved_dir / name / f"{module}.py", encoding="utf-8") as f:
             assert f.read() == component_shim_source(module, class_name)
-    for name in SCHEDULER_COMPONENTS:
+    for name in DIFFUSERS_COMPONENTS:
         assert not [p for p in os.listdir(saved_dir / name) if p.endswith(".py")]
-    assert component_shims_status(saved_dir) is True
 
 
 def test_optional_components_absent_round_trip(tmp_path):
@@ -176,7 +177,7 @@ def test_swapped_scheduler_survives_save_and_load(scheduler_cls, tmp_path):
     loaded = DiffAEPipeline.from_pretrained(tmp_path)
     assert type(loaded.scheduler) is scheduler_cls
     assert plain_config(loaded.scheduler) == plain_config(pipe.scheduler)
-    assert type(loaded.inverse_scheduler) is DDIMInverseScheduler  # the encoder keeps its own scheduler
+    assert type(loaded.inverse_scheduler) is DiffAEInverseScheduler  # the encoder keeps its own scheduler
     z_sem, x_T = fixed_codes()
     generator = torch.Generator().manual_seed(0)  # DDPM draws noise in every step
     before = pipe.decode(z_sem, x_T, num_inference_steps=2, generator=generator, output_type="pt").images
@@ -194,33 +195,110 @@ def test_scheduler_passed_to_from_pretrained_replaces_saved_one(saved_dir):
 def test_variant_and_dtype(tiny_pipe, tmp_path):
     tiny_pipe.save_pretrained(tmp_path, variant="fp16")
     assert (tmp_path / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
-    assert component_shims_status(tmp_path) is True
     loaded = DiffAEPipeline.from_pretrained(tmp_path, variant="fp16", dtype=torch.float16)
     assert loaded.unet.dtype == torch.float16 and loaded.classifier.dtype == torch.float16
     assert torch.equal(loaded.unet.conv_in.weight, tiny_pipe.unet.conv_in.weight.half())
 
 
-def test_tampered_shim_needs_trust(tiny_pipe, tmp_path):
+def test_changed_shim_is_never_run_without_trust(tiny_pipe, tmp_path):
     tiny_pipe.save_pretrained(tmp_path)
+    marker = tmp_path / "marker"
     module = DiffAEPipeline.load_config(tmp_path)["unet"][0]
     with open(tmp_path / "unet" / f"{module}.py", "a", encoding="utf-8") as f:
-        f.write("print('not ours')\n")
-    assert component_shims_status(tmp_path) is False
-    with pytest.raises(ValueError, match="trust_remote_code=True"):
-        DiffAEPipeline.from_pretrained(tmp_path)
-    loaded = DiffAEPipeline.from_pretrained(tmp_path, trust_remote_code=True)  # the caller vouches for it
-    assert_same_weights(tiny_pipe.unet, loaded.unet)
+        f.write(MARKER_CODE.format(marker=str(marker)))
+    assert_same_weights(tiny_pipe.unet, DiffAEPipeline.from_pretrained(tmp_path).unet)
+    assert not marker.exists()
+    DiffAEPipeline.from_pretrained(tmp_path, trust_remote_code=True)  # the caller vouches for the folder's code
+    assert marker.exists()
 
 
-def test_shim_check_rejects_names_that_inject_code(saved_dir, tmp_path):
+@pytest.mark.parametrize(
+    "module, class_name",
+    [
+        ("diffusers_diffae.__main__", "main"),  # a module of this package that is not a component
+        ("diffusers_diffae.models.unet_diffae import DiffAEUNet2DModel\nimport os #", "X"),
+        ("evil", "DiffAEUNet2DModel"),
+        ("transformers", "CLIPTextModel"),
+    ],
+)
+def test_unknown_component_class_is_refused_before_anything_runs(saved_dir, tmp_path, module, class_name):
     folder = tmp_path / "pipeline"
     shutil.copytree(saved_dir, folder)
+    marker = tmp_path / "marker"
     config = json.loads((folder / "model_index.json").read_text())
-    module, class_name = "diffusers_diffae.models.unet_diffae import DiffAEUNet2DModel\nimport os #", "X"
     config["unet"] = [module, class_name]
     (folder / "model_index.json").write_text(json.dumps(config))
-    (folder / "unet" / f"{module}.py").write_text(component_shim_source(module, class_name))
-    assert component_shims_status(folder) is False
+    (folder / "unet" / f"{module}.py").write_text(MARKER_CODE.format(marker=str(marker)))
+    with pytest.raises(ValueError, match="(?s)component 'unet' is .*neither a diffusers_diffae nor a diffusers class"):
+        DiffAEPipeline.from_pretrained(folder)
+    assert not marker.exists()
+
+
+def test_pipeline_file_named_by_class_name_is_refused(saved_dir, tmp_path):
+    folder = tmp_path / "pipeline"
+    shutil.copytree(saved_dir, folder)
+    marker = tmp_path / "marker"
+    config = json.loads((folder / "model_index.json").read_text())
+    config["_class_name"] = ["pipeline", "DiffAEPipeline"]
+    (folder / "model_index.json").write_text(json.dumps(config))
+    (folder / "pipeline.py").write_text(MARKER_CODE.format(marker=str(marker)))
+    with pytest.raises(ValueError, match="_class_name must be a class name"):
+        DiffAEPipeline.from_pretrained(folder)
+    assert not marker.exists()
+
+
+# Every option diffusers 0.42's DiffusionPipeline.from_pretrained reads, except the Hub ones (offline here) and
+# the ones that hand the loading to code (`custom_pipeline`, `trust_remote_code`).
+LOADING_OPTIONS = {
+    "none": {},
+    "device_map": {"device_map": "cpu"},
+    "max_memory": {"max_memory": {"cpu": "2GB"}},
+    "offload_folder": {"offload_folder": "OFFLOAD"},
+    "offload_state_dict": {"offload_state_dict": True},
+    "low_cpu_mem_usage": {"low_cpu_mem_usage": False},
+    "use_safetensors": {"use_safetensors": True},
+    "disable_mmap": {"disable_mmap": True},
+    "torch_dtype": {"torch_dtype": torch.float16},
+    "dtype": {"dtype": {"unet": torch.bfloat16, "default": torch.float32}},
+    "variant": {"variant": None},
+    "use_flashpack": {"use_flashpack": False},
+    "use_onnx": {"use_onnx": False},
+    "provider": {"provider": None, "sess_options": None, "provider_options": None},
+    "load_connected_pipeline": {"load_connected_pipeline": True},
+    "output_loading_info": {"output_loading_info": False},
+    "quantization_config": {"quantization_config": object()},
+    "trust_remote_code=False": {"trust_remote_code": False},
+    "local_files_only": {"local_files_only": True},
+    "custom_revision": {"custom_revision": "main"},
+}
+
+
+@pytest.mark.parametrize("option", sorted(LOADING_OPTIONS))
+def test_no_loading_option_runs_code_from_the_folder(tiny_pipe, saved_dir, tmp_path, option):
+    # diffusers treats `<folder>/None.py` as the pipeline file when no custom_pipeline is given.
+    folder = tmp_path / "pipeline"
+    shutil.copytree(saved_dir, folder)
+    marker = tmp_path / "marker"
+    for name in ("None.py", "pipeline.py", "diffae.py"):
+        (folder / name).write_text(MARKER_CODE.format(marker=str(marker)))
+    for name in OWN_COMPONENTS:
+        module = DiffAEPipeline.load_config(folder)[name][0]
+        (folder / name / f"{module}.py").write_text(MARKER_CODE.format(marker=str(marker)))
+    kwargs = {k: (str(tmp_path / v) if v == "OFFLOAD" else v) for k, v in LOADING_OPTIONS[option].items()}
+    with pytest.raises(ValueError, match="None.py|quantization_config"):
+        DiffAEPipeline.from_pretrained(folder, **kwargs)
+    assert not marker.exists()
+    os.remove(folder / "None.py")
+    try:
+        loaded = DiffAEPipeline.from_pretrained(folder, **kwargs)
+    except ValueError as e:
+        assert option == "quantization_config" and "quantization_config" in str(e)
+    else:
+        assert type(loaded) is DiffAEPipeline
+        weight = loaded.classifier.linear.weight
+        if not weight.is_meta:  # diffusers' offload_state_dict without a device_map leaves every model on "meta"
+            assert torch.equal(weight, tiny_pipe.classifier.linear.weight.to(weight.dtype))
+    assert not marker.exists()
 
 
 def test_verified_shims_are_not_executed(tiny_pipe, saved_dir, tmp_path, monkeypatch):
@@ -231,17 +309,8 @@ def test_verified_shims_are_not_executed(tiny_pipe, saved_dir, tmp_path, monkeyp
     for name in MODEL_COMPONENTS:
         assert type(getattr(loaded, name)) is type(getattr(tiny_pipe, name))
     assert_same_weights(tiny_pipe.classifier, loaded.classifier)
-    monkeypatch.setattr(dynamic_modules_utils, "DIFFUSERS_DISABLE_REMOTE_CODE", True)
+    monkeypatch.setattr(dynamic_modules_utils, "DIFFUSERS_DISABLE_REMOTE_CODE", True)  # nothing to disable
     assert_same_weights(tiny_pipe.encoder, DiffAEPipeline.from_pretrained(saved_dir).encoder)
-
-
-def test_diffusers_only_options_run_the_verified_shims(tiny_pipe, saved_dir, tmp_path):
-    with pytest.raises(ValueError, match="device_map"):
-        DiffAEPipeline.from_pretrained(saved_dir, device_map="cpu", trust_remote_code=False)
-    loaded = DiffAEPipeline.from_pretrained(saved_dir, device_map="cpu")
-    assert_same_weights(tiny_pipe.unet, loaded.unet)
-    executed = os.listdir(tmp_path / "modules" / "diffusers_modules" / "local")
-    assert "diffusers_diffae.models.unet_diffae.py" in executed
 
 
 def test_bad_location_is_a_clear_error(tmp_path):

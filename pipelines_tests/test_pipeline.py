@@ -389,7 +389,7 @@ def test_errors_name_the_problem(pipe):
         (lambda: pipe.decode(z, num_inference_steps=0), "between 1 and 1000"),
         (lambda: pipe.decode(z, num_inference_steps=1001), "between 1 and 1000"),
         (lambda: pipe.encode(images, num_inference_steps=0), "between 1 and 1000"),
-        (lambda: pipe.decode(z, output_type="latent"), "output_type"),
+        (lambda: pipe.decode(z, output_type="png"), "output_type"),
         (lambda: pipe.decode(z, generator=[torch.Generator()]), "1 generators for a batch of 2"),
         (lambda: pipe.edit(DiffAELatents(z, torch.randn(2, 3, 16, 16)), attribute="wings"), "unknown attribute 'wings'"),
         (lambda: pipe.edit(DiffAELatents(z, torch.randn(2, 3, 16, 16))), "name the attribute"),
@@ -435,3 +435,12 @@ def test_missing_components_are_errors():
     capture = _Capture(bare)  # a raw direction works without a classifier (encoder statistics normalise)
     bare.edit(latents, direction=torch.ones(Z), strength=1.0)
     assert capture.calls
+
+
+def test_latent_output_is_the_sampler_result(pipe):
+    z, x_T = torch.randn(2, Z), torch.randn(2, 3, 16, 16)
+    latent = pipe.decode(z, x_T, num_inference_steps=3, output_type="latent").images
+    assert torch.equal(latent, pipe.denoise(z, x_T, num_inference_steps=3))
+    assert pipe.num_timesteps == 3
+    images = pipe.decode(z, x_T, num_inference_steps=3, output_type="pt").images
+    assert torch.allclose(images, (latent / 2 + 0.5).clamp(0, 1))

@@ -13,8 +13,10 @@ from .models import (
     SemanticEncoder,
     SemanticEncoderOutput,
 )
+from .image_processor import DiffAEImageProcessor
 from .pipelines import DiffAELatents, DiffAEPipeline
 from .presets import OFFICIAL_CONFIGS, official_component_configs, preset_config
+from .schedulers import DiffAEInverseScheduler
 
 __version__ = "0.1.0"
 
@@ -22,6 +24,8 @@ __all__ = [
     "AttributeClassifier",
     "AttributeClassifierOutput",
     "CELEBAHQ_ATTRIBUTES",
+    "DiffAEImageProcessor",
+    "DiffAEInverseScheduler",
     "DiffAELatents",
     "DiffAEPipeline",
     "DiffAEUNet2DModel",

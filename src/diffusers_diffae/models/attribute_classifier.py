@@ -9,7 +9,6 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from ..hub_utils import DiffAEModelHubMixin
 from .checks import check_vector_batch
 from .statistics import ZSemStatisticsMixin
 
@@ -35,7 +34,7 @@ class AttributeClassifierOutput(BaseOutput):
     logits: torch.Tensor
 
 
-class AttributeClassifier(DiffAEModelHubMixin, ModelMixin, ConfigMixin, ZSemStatisticsMixin):
+class AttributeClassifier(ModelMixin, ConfigMixin, ZSemStatisticsMixin):
     r"""
     `K` linear heads `w_k . z_n + b_k` on the normalised semantic code `z_n = (z_sem - mean) / std` (official
     `ClsModel`). It stores the statistics it was trained with and the name and kind of every output.

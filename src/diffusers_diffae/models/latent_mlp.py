@@ -11,7 +11,6 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from ..hub_utils import DiffAEModelHubMixin
 from .checks import check_vector_batch, timesteps_for_batch
 from .statistics import ZSemStatisticsMixin
 
@@ -78,7 +77,7 @@ class LatentMLPLayer(nn.Module):
         return self.dropout(self.act(self.norm(h)))
 
 
-class LatentMLPDenoiser(DiffAEModelHubMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, ZSemStatisticsMixin):
+class LatentMLPDenoiser(ModelMixin, ConfigMixin, PeftAdapterMixin, ZSemStatisticsMixin):
     r"""
     The latent DDIM's noise predictor: an MLP with skip connections that re-inject the input into the hidden
     layers (official `MLPSkipNet`). It works on normalised z_sem and stores the statistics it was trained with

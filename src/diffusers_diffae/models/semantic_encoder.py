@@ -13,7 +13,6 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from .blocks import DiffAEDownBlock2D, DiffAEMidBlock2D, normalization
-from ..hub_utils import DiffAEModelHubMixin
 from .checks import check_image_batch
 from .statistics import ZSemStatisticsMixin
 
@@ -28,7 +27,7 @@ class SemanticEncoderOutput(BaseOutput):
     z_sem: torch.Tensor
 
 
-class SemanticEncoder(DiffAEModelHubMixin, ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin, ZSemStatisticsMixin):
+class SemanticEncoder(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin, ZSemStatisticsMixin):
     r"""
     Maps an image in [-1, 1] to the semantic code `z_sem` (official `BeatGANsEncoderModel`, pool
     `adaptivenonzero`): the contracting half of a UNet with unconditioned residual blocks, a bottleneck, then

@@ -14,7 +14,6 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from .blocks import DiffAEDownBlock2D, DiffAEMidBlock2D, DiffAEUpBlock2D, normalization
-from ..hub_utils import DiffAEModelHubMixin
 from .checks import check_image_batch, check_vector_batch, timesteps_for_batch
 
 
@@ -28,7 +27,7 @@ class DiffAEUNet2DOutput(BaseOutput):
     sample: torch.Tensor
 
 
-class DiffAEUNet2DModel(DiffAEModelHubMixin, ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin):
+class DiffAEUNet2DModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin):
     r"""
     The DiffAE decoder: a UNet predicting the noise of `x_t`, modulated in every residual block by the timestep
     (scale and shift) and then by the semantic code `z_sem` (scale), `h -> (1 + z_s) * ((1 + t_s) * GN(h) + t_b)`.
