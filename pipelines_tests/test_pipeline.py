@@ -444,3 +444,14 @@ def test_latent_output_is_the_sampler_result(pipe):
     assert pipe.num_timesteps == 3
     images = pipe.decode(z, x_T, num_inference_steps=3, output_type="pt").images
     assert torch.allclose(images, (latent / 2 + 0.5).clamp(0, 1))
+
+
+def test_one_generator_per_image_reproduces_each_image_alone(pipe):
+    def sample(seeds):
+        generator = [torch.Generator().manual_seed(seed) for seed in seeds]
+        kwargs = dict(num_inference_steps=2, latent_num_inference_steps=2, output_type="pt")
+        return pipe(batch_size=len(seeds), generator=generator, **kwargs).images
+
+    batch, alone = sample([3, 4]), sample([4])
+    assert not torch.allclose(batch[0], batch[1])
+    assert torch.allclose(batch[1], alone[0], atol=1e-5)

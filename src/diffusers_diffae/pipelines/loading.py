@@ -92,7 +92,9 @@ def check_folder(folder: str, model_index: Dict, passed: Dict, trust_remote_code
 
     index_file = os.path.join(folder, "model_index.json")
     if not trust_remote_code and not isinstance(model_index.get("_class_name"), str):
-        raise ValueError(f"{index_file}: _class_name must be a class name; a list would run a pipeline file from the folder")
+        raise ValueError(
+            f"{index_file}: _class_name must be a class name; a list would run a pipeline file from the folder"
+        )
     known = own_classes()
     for name, entry in components_of(model_index).items():
         if name in passed:
@@ -171,9 +173,17 @@ class DiffAELoadingMixin:
         """
         from ..hub_utils import upload_with_model_card
 
-        hub_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "private", "token", "create_pr") if key in kwargs}
+        hub_kwargs = {
+            key: kwargs.pop(key)
+            for key in ("repo_id", "commit_message", "private", "token", "create_pr")
+            if key in kwargs
+        }
         super().save_pretrained(
-            save_directory, safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size, **kwargs
+            save_directory,
+            safe_serialization=safe_serialization,
+            variant=variant,
+            max_shard_size=max_shard_size,
+            **kwargs,
         )
         with open(os.path.join(save_directory, "diffae.py"), "w", encoding="utf-8") as f:
             f.write(COMMUNITY_PIPELINE_SOURCE)

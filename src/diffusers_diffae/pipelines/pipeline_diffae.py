@@ -1,115 +1,31 @@
-"""DiffAEPipeline: encode, decode, interpolate, edit and sample with Diffusion Autoencoders.
+"""DiffAEPipeline. Paper map: semantic encoder §3.2 -> `encode`; stochastic encoder §3.3 -> `invert`; decoder
+§3.1 -> `decode` / `denoise`; interpolation §5.2 -> `interpolate`; manipulation §5.3 and Appendix G -> `edit`;
+latent DDIM §4 and few-shot conditional sampling §5.6 -> `sample_z_sem*` / `__call__`."""
 
-Paper map: semantic encoder §3.2 -> `encode` (z_sem); stochastic encoder §3.3 -> `encode` / `invert` (x_T, DDIM
-inversion by `DiffAEInverseScheduler`); decoder §3.1 -> `decode` / `denoise`; interpolation §5.2 ->
-`interpolate`; attribute manipulation §5.3 / Appendix G -> `edit`; latent DDIM sampling §4 and few-shot
-conditional sampling §5.6 -> `sample` / `__call__`.
-"""
-
-import inspect
-import math
-import numbers
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMInverseScheduler, DDIMScheduler, DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..image_processor import DiffAEImageProcessor, ImageInput
 from ..models import AttributeClassifier, DiffAEUNet2DModel, LatentMLPDenoiser, SemanticEncoder
 from ..schedulers import DiffAEInverseScheduler
+from .latent_ops import edit_strength_for_target, move_along, rejection_sample, slerp
 from .loading import DiffAELoadingMixin
-
-
-EXAMPLE_DOC_STRING = """
-    Examples:
-        ```py
-        >>> from diffusers_diffae import DiffAEPipeline
-        >>> pipe = DiffAEPipeline.from_pretrained("path/to/diffae-pipeline")
-        >>> latents = pipe.encode(images, num_inference_steps=50)            # z_sem (B, D), x_T (B, 3, H, W)
-        >>> recon = pipe.decode(latents.z_sem, latents.x_T, num_inference_steps=50).images
-        >>> smiling = pipe.edit(latents, attribute="Smiling", strength=0.3).images
-        >>> samples = pipe(batch_size=4, num_inference_steps=20, latent_num_inference_steps=20).images
-        ```
-"""
-
-
-@dataclass
-class DiffAELatents(BaseOutput):
-    """
-    The two-part code of Diffusion Autoencoders.
-
-    Args:
-        z_sem (`torch.Tensor` of shape `(B, D)`): semantic subcode.
-        x_T (`torch.Tensor` of shape `(B, C, H, W)`, *optional*): stochastic subcode (`None` if not computed).
-    """
-
-    z_sem: torch.Tensor
-    x_T: Optional[torch.Tensor] = None
-
-
-def slerp(x0: torch.Tensor, x1: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """Spherical interpolation of flattened noise maps (paper §5.2, official `interpolate.ipynb`).
-
-    `theta = arccos(<x0/|x0|, x1/|x1|>)`, `x(a) = (sin((1-a) theta) x0 + sin(a theta) x1) / sin(theta)`.
-    x0, x1: (B, ...); alpha: (F,). Returns (B, F, ...).
-    """
-    a, b = x0.flatten(1).double(), x1.flatten(1).double()
-    cos = (F.normalize(a, dim=1) * F.normalize(b, dim=1)).sum(1).clamp(-1, 1)
-    theta = torch.arccos(cos)[:, None]  # (B, 1)
-    alpha = alpha.double()[None, :]  # (1, F)
-    sin_theta = torch.sin(theta)
-    parallel = sin_theta.abs() < 1e-6  # identical directions: slerp degenerates to lerp
-    w0 = torch.where(parallel, 1 - alpha, torch.sin((1 - alpha) * theta) / sin_theta.clamp_min(1e-12))
-    w1 = torch.where(parallel, alpha, torch.sin(alpha * theta) / sin_theta.clamp_min(1e-12))
-    out = w0[..., None] * a[:, None] + w1[..., None] * b[:, None]
-    return out.reshape(x0.shape[0], alpha.shape[1], *x0.shape[1:]).to(x0.dtype)
-
-
-def edit_strength_for_target(logit: torch.Tensor, w: torch.Tensor, target: float) -> torch.Tensor:
-    """Per-image strength alpha such that the edited code reaches `target` (paper Appendix G, Eq. 11).
-
-    The edit is `z_n + alpha * sqrt(D) * w / |w|`; the linear head gives `logit + alpha * sqrt(D) * |w|`, so
-    `alpha = (target - logit) / (sqrt(D) * |w|)`. logit: (B,), w: (D,) or one direction per image (B, D). Returns (B,).
-    """
-    return (target - logit) / (math.sqrt(w.shape[-1]) * w.norm(dim=-1))
-
-
-def step_kwargs(scheduler, generator, eta: float) -> Dict:
-    """The keyword arguments `scheduler.step` takes, for any diffusers scheduler."""
-    params = set(inspect.signature(scheduler.step).parameters)
-    kwargs = {}
-    if "eta" in params:
-        kwargs["eta"] = eta
-    if "use_clipped_model_output" in params:
-        kwargs["use_clipped_model_output"] = True  # official DDIM re-derives eps from the clipped x0
-    if "generator" in params:
-        kwargs["generator"] = generator
-    return kwargs
-
-
-def check_steps(num_inference_steps: int, scheduler) -> None:
-    limit = scheduler.config.num_train_timesteps
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
-        raise ValueError(f"num_inference_steps must be an int, got {type(num_inference_steps).__name__}")
-    if not 1 <= num_inference_steps <= limit:
-        raise ValueError(f"num_inference_steps must be between 1 and {limit} (training steps), got {num_inference_steps}")
-
-
-def check_finite(name: str, tensor: torch.Tensor) -> None:
-    # A NaN code would decode silently into garbage (and a uint8 cast warning), an integer one is a mix-up.
-    if not tensor.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
-    if not torch.isfinite(tensor).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-
-
-def shape_of(value) -> Union[tuple, str]:
-    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+from .pipeline_output import DiffAELatents
+from .pipeline_utils import (
+    check_batch,
+    check_codes,
+    check_count,
+    check_direction,
+    check_edit_inputs,
+    check_eta,
+    check_steps,
+    check_vectors,
+    step_kwargs,
+)
 
 
 class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
@@ -147,7 +63,9 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
     ):
         super().__init__()
         if not isinstance(inverse_scheduler, DDIMInverseScheduler):
-            raise ValueError(f"inverse_scheduler must be a DiffAEInverseScheduler, got {type(inverse_scheduler).__name__}")
+            raise ValueError(
+                f"inverse_scheduler must be a DiffAEInverseScheduler, got {type(inverse_scheduler).__name__}"
+            )
         if not isinstance(inverse_scheduler, DiffAEInverseScheduler):
             # Same config, the official update rule (see DiffAEInverseScheduler).
             inverse_scheduler = DiffAEInverseScheduler.from_config(inverse_scheduler.config)
@@ -168,27 +86,19 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
     @classmethod
     def from_official_configs(cls, configs: Dict, unet, encoder, latent_denoiser=None, classifier=None):
         """Builds the pipeline with schedulers configured like the official samplers (see `presets.py`)."""
-        latent_scheduler = None
-        if latent_denoiser is not None:
-            latent_scheduler = DDIMScheduler.from_config(configs["latent_scheduler"])
-        return cls(
-            unet=unet,
-            encoder=encoder,
-            scheduler=DDIMScheduler.from_config(configs["scheduler"]),
-            inverse_scheduler=DiffAEInverseScheduler.from_config(configs["scheduler"]),
-            latent_denoiser=latent_denoiser,
-            latent_scheduler=latent_scheduler,
-            classifier=classifier,
-        )
+        latent_scheduler = DDIMScheduler.from_config(configs["latent_scheduler"]) if latent_denoiser else None
+        scheduler = DDIMScheduler.from_config(configs["scheduler"])
+        inverse_scheduler = DiffAEInverseScheduler.from_config(configs["scheduler"])
+        return cls(unet, encoder, scheduler, inverse_scheduler, latent_denoiser, latent_scheduler, classifier)
 
     def set_memory_format(self, memory_format: torch.memory_format = torch.channels_last) -> "DiffAEPipeline":
-        """Lays out the 4-D weights of the UNet and the encoder (in place) in `memory_format`; activations follow.
+        """Lays out the UNet's and the encoder's 4-D weights in `memory_format` (in place); activations follow.
 
-        `torch.channels_last` (the default from 64 px up) is fp32 arithmetic summed in another order;
-        `torch.contiguous_format` is the official code's layout (the default below 64 px).
-        """
+        `torch.channels_last` (default from 64 px up) sums fp32 in another order than the official layout."""
         if memory_format not in (torch.channels_last, torch.contiguous_format):
-            raise ValueError(f"memory_format must be torch.channels_last or torch.contiguous_format, got {memory_format}")
+            raise ValueError(
+                f"memory_format must be torch.channels_last or torch.contiguous_format, got {memory_format}"
+            )
         for model in (self.unet, self.encoder):
             if isinstance(model, torch.nn.Module):
                 model.to(memory_format=memory_format)
@@ -199,6 +109,18 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
         return self.unet.config.sample_size
 
     @property
+    def image_shape(self) -> tuple:
+        """(C, H, W) of the images and of x_T."""
+        return (self.unet.config.in_channels, self.resolution, self.resolution)
+
+    @property
+    def z_sem_width(self) -> Optional[int]:
+        """D of z_sem; `None` for a UNet without z_sem (the DDIM baseline)."""
+        if self.encoder is not None:
+            return self.encoder.config.out_channels
+        return self.unet.config.get("z_sem_channels")
+
+    @property
     def num_timesteps(self) -> int:
         """Steps of the last denoising loop."""
         return self._num_timesteps
@@ -207,34 +129,12 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
         """Images in [0, 1] -> (B, C, H, W) in [-1, 1] at the model resolution (see `DiffAEImageProcessor`)."""
         return self.image_processor.preprocess(images, self.resolution)
 
-    def check_codes(self, z_sem: Optional[torch.Tensor], x_T: Optional[torch.Tensor]) -> None:
-        """Checks z_sem (B, D) (`None` for a UNet without z_sem) and x_T (B, C, H, W) (or `None`)."""
-        width = self.encoder.config.out_channels if self.encoder is not None else self.unet.config.get("z_sem_channels")
-        if width is None and z_sem is not None:
-            raise ValueError("this UNet is a DDIM baseline without z_sem (z_sem_channels=None); pass z_sem=None")
-        if width is not None:
-            if not isinstance(z_sem, torch.Tensor) or z_sem.ndim != 2 or z_sem.shape[1] != width:
-                raise ValueError(f"z_sem must have shape (B, {width}), got {shape_of(z_sem)}")
-            check_finite("z_sem", z_sem)
-        if x_T is None:
-            return
-        expected = (self.unet.config.in_channels, self.resolution, self.resolution)
-        if not isinstance(x_T, torch.Tensor) or x_T.ndim != 4 or tuple(x_T.shape[1:]) != expected:
-            raise ValueError(f"x_T must have shape (B, {', '.join(map(str, expected))}), got {shape_of(x_T)}")
-        if z_sem is not None and x_T.shape[0] != z_sem.shape[0]:
-            raise ValueError(f"batch size mismatch: z_sem has {z_sem.shape[0]} rows, x_T has {x_T.shape[0]}")
-        check_finite("x_T", x_T)
-
     def _as_latents(self, images_or_latents, num_inference_steps: int) -> DiffAELatents:
         if isinstance(images_or_latents, DiffAELatents):
             if images_or_latents.x_T is None:
                 raise ValueError("these latents have no x_T; encode with stochastic=True")
             return images_or_latents
         return self.encode(images_or_latents, num_inference_steps=num_inference_steps)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Encoding (paper §3.2, §3.3)
-    # ------------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def encode(
@@ -270,16 +170,14 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
         return DiffAELatents(z_sem=z_sem, x_T=x_T)
 
     @torch.no_grad()
-    def invert(
-        self, x0: torch.Tensor, z_sem: Optional[torch.Tensor], num_inference_steps: int = 100
-    ) -> torch.Tensor:
+    def invert(self, x0: torch.Tensor, z_sem: Optional[torch.Tensor], num_inference_steps: int = 100) -> torch.Tensor:
         r"""
         The stochastic encoder (paper Eq. 8): deterministic DDIM run backwards from `x0` (B, C, H, W) in [-1, 1],
         conditioned on z_sem (B, D) (`None` for a UNet without z_sem), exactly as the official
         `ddim_reverse_sample_loop` (see [`DiffAEInverseScheduler`]). Returns x_T (B, C, H, W).
         """
         check_steps(num_inference_steps, self.inverse_scheduler)
-        self.check_codes(z_sem, x0)
+        check_codes(z_sem, x0, self.z_sem_width, self.image_shape)
         device, dtype = self._execution_device, self.unet.dtype
         x = x0.to(device=device, dtype=dtype)
         z_sem = z_sem.to(device=device, dtype=dtype) if z_sem is not None else None
@@ -288,10 +186,6 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
             eps = self.unet(x, t, z_sem).sample
             x = self.inverse_scheduler.step(eps, t, x).prev_sample
         return x
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Decoding (paper §3.1)
-    # ------------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def denoise(
@@ -311,23 +205,13 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
         """
         # 1. check inputs
         check_steps(num_inference_steps, self.scheduler)
-        self.check_codes(z_sem, x_T)
-        # DDIM's sigma_t = eta * sqrt(posterior variance); above 1 the direction term's square root goes negative.
-        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0 <= eta <= 1:
-            raise ValueError(f"eta must be a number in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like), got {eta!r}")
-        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
-        if unknown:
+        check_codes(z_sem, x_T, self.z_sem_width, self.image_shape)
+        check_eta(eta)
+        if not set(callback_on_step_end_tensor_inputs) <= set(self._callback_tensor_inputs):
             raise ValueError(f"callback_on_step_end_tensor_inputs must be a subset of {self._callback_tensor_inputs}")
+        batch_size = check_batch(z_sem, x_T, batch_size, generator)
         device, dtype = self._execution_device, self.unet.dtype
-        if z_sem is not None:
-            z_sem = z_sem.to(device=device, dtype=dtype)
-            batch_size = z_sem.shape[0]
-        elif x_T is not None:
-            batch_size = x_T.shape[0]
-        elif batch_size is None:
-            raise ValueError("pass x_T or batch_size to fix the batch size")
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"got {len(generator)} generators for a batch of {batch_size}")
+        z_sem = z_sem.to(device=device, dtype=dtype) if z_sem is not None else None
 
         # 2. prepare x_T
         if x_T is None:
@@ -391,10 +275,6 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
             return (images,)
         return ImagePipelineOutput(images=images)
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Interpolation (paper §5.2)
-    # ------------------------------------------------------------------------------------------------------------
-
     @torch.no_grad()
     def interpolate(
         self,
@@ -418,8 +298,7 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
         Returns:
             [`~diffusers.ImagePipelineOutput`] with B * num_frames images, pair after pair.
         """
-        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 2:
-            raise ValueError(f"num_frames must be an int >= 2, got {num_frames!r}")
+        check_count("num_frames", num_frames, minimum=2)
         la = self._as_latents(a, encode_num_inference_steps)
         lb = self._as_latents(b, encode_num_inference_steps)
         if la.z_sem.shape != lb.z_sem.shape:
@@ -430,10 +309,6 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
         return self.decode(
             z.flatten(0, 1), x_T.flatten(0, 1), num_inference_steps, output_type=output_type, return_dict=return_dict
         )
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Attribute manipulation (paper §5.3, Appendix G)
-    # ------------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def edit(
@@ -467,58 +342,44 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
         Returns:
             [`~diffusers.ImagePipelineOutput`] with one edited image per input.
         """
-        if target_logit is None and target_probability is None:  # checked before encoding, the expensive part
-            if isinstance(strength, bool) or not isinstance(strength, (numbers.Real, torch.Tensor)):
-                raise ValueError(f"strength must be a number or a (B,) tensor, got {type(strength).__name__}")
-            if not torch.isfinite(torch.as_tensor(strength, dtype=torch.float32)).all():
-                raise ValueError(f"strength must be finite, got {strength}")
+        # 1. check what can be checked before the (expensive) encode
+        attribute_type = None
+        if direction is None and self.classifier is not None and attribute is not None:
+            attribute_type = self.classifier.attribute_type(attribute)
+        target_logit = check_edit_inputs(strength, target_logit, target_probability, attribute_type)
+
+        # 2. codes
         latents = self._as_latents(images_or_latents, encode_num_inference_steps)
         z_sem = latents.z_sem
+
+        # 3. the direction w in normalised z_sem space, the head's bias, and the statistics that normalise z_sem
         if direction is None:
             if self.classifier is None:
                 raise ValueError("edit needs a classifier component (with an attribute name) or a direction vector")
             if attribute is None:
-                raise ValueError(f"name the attribute to edit; the classifier knows: {', '.join(self.classifier.attribute_names)}")
-            index = self.classifier.attribute_index(attribute)
-            stats, w = self.classifier, self.classifier.linear.weight[index]
-            bias = self.classifier.linear.bias[index]
-        else:
-            direction = torch.as_tensor(direction)
-            if direction.shape not in ((z_sem.shape[1],), tuple(z_sem.shape)):
                 raise ValueError(
-                    f"direction must have shape ({z_sem.shape[1]},) or one row per image {tuple(z_sem.shape)}, "
-                    f"got {tuple(direction.shape)}"
+                    f"name the attribute to edit; the classifier knows: {', '.join(self.classifier.attribute_names)}"
                 )
-            if not torch.isfinite(direction).all() or (direction.norm(dim=-1) == 0).any():
-                raise ValueError("direction must be a finite, non-zero vector (every row, for one per image)")
+            stats, w = self.classifier, self.classifier.direction(attribute)
+            bias = self.classifier.linear.bias[self.classifier.attribute_index(attribute)]
+        else:
+            direction = check_direction(direction, z_sem.shape)
             stats, w, bias = (self.classifier or self.encoder), direction, torch.zeros(())
         w = w.to(device=z_sem.device, dtype=torch.float32)
         z_n = stats.normalize_z_sem(z_sem.float())
 
-        if target_probability is not None:
-            if target_logit is not None:
-                raise ValueError("pass either target_logit or target_probability, not both")
-            if direction is None and self.classifier.attribute_type(attribute) != "binary":
-                raise ValueError("target_probability needs a binary attribute; use target_logit for continuous heads")
-            if not 0 < target_probability < 1:
-                raise ValueError(f"target_probability must be in (0, 1), got {target_probability}")
-            target_logit = math.log(target_probability / (1 - target_probability))
+        # 4. alpha: given, or per image so that the head reaches target_logit (Eq. 11)
         if target_logit is not None:
-            if not math.isfinite(float(target_logit)):
-                raise ValueError(f"target_logit must be finite, got {target_logit}")
             logit = (z_n * w).sum(-1) + bias.to(w.device).float()
             alpha = edit_strength_for_target(logit, w, float(target_logit))
         else:
             alpha = torch.as_tensor(strength, dtype=torch.float32, device=z_sem.device).reshape(-1)
             if alpha.numel() not in (1, z_sem.shape[0]):
                 raise ValueError(f"strength must be a number or have one value per image ({z_sem.shape[0]})")
-        z_n = z_n + alpha[:, None] * math.sqrt(w.shape[-1]) * w / w.norm(dim=-1, keepdim=True)
-        edited = stats.denormalize_z_sem(z_n).to(z_sem.dtype)
-        return self.decode(edited, latents.x_T, num_inference_steps, output_type=output_type, return_dict=return_dict)
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Sampling (paper §4, §5.6)
-    # ------------------------------------------------------------------------------------------------------------
+        # 5. move and decode with the image's own x_T
+        edited = stats.denormalize_z_sem(move_along(z_n, alpha, w)).to(z_sem.dtype)
+        return self.decode(edited, latents.x_T, num_inference_steps, output_type=output_type, return_dict=return_dict)
 
     @torch.no_grad()
     def sample_z_sem(
@@ -542,9 +403,7 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
         if z_noise is None:
             z_noise = randn_tensor((batch_size, width), generator=generator, device=device, dtype=dtype)
         else:
-            if not isinstance(z_noise, torch.Tensor) or z_noise.ndim != 2 or z_noise.shape[1] != width:
-                raise ValueError(f"z_noise must have shape (B, {width}), got {shape_of(z_noise)}")
-            check_finite("z_noise", z_noise)
+            check_vectors("z_noise", z_noise, width)
         z = z_noise.to(device=device, dtype=dtype) * self.latent_scheduler.init_noise_sigma
         self.latent_scheduler.set_timesteps(num_inference_steps, device=device)
         kwargs = step_kwargs(self.latent_scheduler, generator, 0.0)
@@ -574,27 +433,17 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
         index = self.classifier.attribute_index(attribute)
         if self.classifier.attribute_type(index) != "binary":
             raise ValueError(f"attribute {attribute!r} is a continuous head; rejection sampling needs a binary one")
-        if not 0 <= min_probability < 1:
-            raise ValueError(f"min_probability must be in [0, 1), got {min_probability}")
-        max_candidates = max_candidates or 200 * batch_size
-        accepted, drawn = [], 0
-        chunk = max(batch_size, 16)
-        while sum(len(a) for a in accepted) < batch_size and drawn < max_candidates:
-            n = min(chunk, max_candidates - drawn)
-            z = self.sample_z_sem(n, num_inference_steps, generator=generator)
-            p = torch.sigmoid(self.classifier(z.float()).logits[:, index])
-            u = torch.rand(n, generator=generator, device=generator.device if generator else "cpu").to(p.device)
-            keep = (p >= min_probability) & (u < p)
-            accepted.append(z[keep])
-            drawn += n
-        z = torch.cat(accepted)
-        if z.shape[0] < batch_size:
-            raise ValueError(
-                f"rejection sampling accepted {z.shape[0]} of {drawn} candidates for {attribute!r} "
-                f"(rate {z.shape[0] / drawn:.2%}); cannot reach {batch_size} samples. Lower min_probability, raise "
-                "max_candidates, or check the classifier"
-            )
-        return z[:batch_size]
+        if max_candidates is not None:
+            check_count("max_candidates", max_candidates)
+        return rejection_sample(
+            draw=lambda n: self.sample_z_sem(n, num_inference_steps, generator=generator),
+            probability=lambda z: torch.sigmoid(self.classifier(z.float()).logits[:, index]),
+            batch_size=batch_size,
+            min_probability=min_probability,
+            max_candidates=max_candidates or 200 * batch_size,
+            generator=generator,
+            name=repr(attribute),
+        )
 
     @torch.no_grad()
     def __call__(
@@ -629,8 +478,7 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
         Returns:
             [`~diffusers.ImagePipelineOutput`] or `(images,)`.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        check_count("batch_size", batch_size)
         if attribute is not None:
             if isinstance(generator, list):
                 raise ValueError("conditional sampling takes a single generator")
@@ -638,18 +486,13 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
                 batch_size, attribute, min_probability, latent_num_inference_steps, generator
             )
         else:
-            latent_generator = generator[0] if isinstance(generator, list) else generator
-            z_sem = self.sample_z_sem(batch_size, latent_num_inference_steps, latent_generator, z_noise)
+            check_batch(None, None, batch_size, generator)
+            # One generator per image draws that image's z_noise and then its x_T: each image reproduces alone.
+            z_sem = self.sample_z_sem(batch_size, latent_num_inference_steps, generator, z_noise)
         return self.decode(
-            z_sem.to(self.unet.dtype),
-            x_T,
-            num_inference_steps,
-            generator=generator,
-            eta=eta,
-            output_type=output_type,
-            return_dict=return_dict,
-            callback_on_step_end=callback_on_step_end,
+            z_sem.to(self.unet.dtype), x_T, num_inference_steps, generator=generator, eta=eta, output_type=output_type,
+            return_dict=return_dict, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
+        )  # fmt: skip
 
     sample = __call__
