@@ -6,7 +6,7 @@ time-then-z ordering), which is why the residual block is written here. Attentio
 `Attention` module (and therefore PyTorch's scaled-dot-product attention through its processors).
 """
 
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -194,6 +194,43 @@ class DiffAEDownBlock2D(_CheckpointedBlock):
             h = self._run(self.downsamplers[0], h, temb, z_sem)
             states.append(h)
         return h, states
+
+
+def contracting_path(
+    widths: Sequence[int],
+    sample_size: int,
+    num_res_blocks: int,
+    attention_resolutions: Sequence[int],
+    num_heads: int,
+    **block_kwargs,
+) -> Tuple[nn.ModuleList, List[int], int]:
+    """The down blocks of the decoder UNet and of the semantic encoder (the same contracting path, Appendix A).
+
+    Level i works at width `widths[i]` and halves the resolution except at the last level; attention is added at
+    the resolutions listed. Returns the blocks, the channels of every state handed to an expanding path
+    (`conv_in`'s first), and the resolution at the bottom.
+    """
+    blocks = nn.ModuleList()
+    skip_channels = [widths[0]]
+    channels, resolution = widths[0], sample_size
+    for level, width in enumerate(widths):
+        is_last = level == len(widths) - 1
+        blocks.append(
+            DiffAEDownBlock2D(
+                channels,
+                width,
+                num_res_blocks,
+                add_attention=resolution in attention_resolutions,
+                num_heads=num_heads,
+                add_downsample=not is_last,
+                **block_kwargs,
+            )
+        )
+        channels = width
+        skip_channels += [width] * (num_res_blocks + (0 if is_last else 1))
+        if not is_last:
+            resolution //= 2
+    return blocks, skip_channels, resolution
 
 
 class DiffAEMidBlock2D(_CheckpointedBlock):

@@ -12,7 +12,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .blocks import DiffAEDownBlock2D, DiffAEMidBlock2D, normalization
+from .blocks import DiffAEMidBlock2D, contracting_path, normalization
 from .checks import check_image_batch
 from .statistics import ZSemStatisticsMixin
 
@@ -68,24 +68,10 @@ class SemanticEncoder(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin,
         block_kwargs = dict(temb_channels=None, z_sem_channels=None, dropout=0.0)
 
         self.conv_in = nn.Conv2d(in_channels, widths[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList()
-        channels, resolution = widths[0], sample_size
-        for level, width in enumerate(widths):
-            is_last = level == len(widths) - 1
-            self.down_blocks.append(
-                DiffAEDownBlock2D(
-                    channels,
-                    width,
-                    num_res_blocks,
-                    add_attention=resolution in attention_resolutions,
-                    num_heads=num_heads,
-                    add_downsample=not is_last,
-                    **block_kwargs,
-                )
-            )
-            channels = width
-            if not is_last:
-                resolution //= 2
+        self.down_blocks, _, _ = contracting_path(
+            widths, sample_size, num_res_blocks, attention_resolutions, num_heads, **block_kwargs
+        )
+        channels = widths[-1]
         self.mid_block = DiffAEMidBlock2D(channels, num_heads=num_heads, **block_kwargs)
         self.norm_out = normalization(channels)
         self.proj_out = nn.Linear(channels, out_channels)

@@ -13,7 +13,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .blocks import DiffAEDownBlock2D, DiffAEMidBlock2D, DiffAEUpBlock2D, normalization
+from .blocks import DiffAEMidBlock2D, DiffAEUpBlock2D, contracting_path, normalization
 from .checks import check_image_batch, check_vector_batch, timesteps_for_batch
 
 
@@ -86,26 +86,10 @@ class DiffAEUNet2DModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixi
 
         # 2. contracting path; `skip_channels` mirrors the stack of states handed to the expanding path
         self.conv_in = nn.Conv2d(in_channels, widths[0], 3, padding=1)
-        skip_channels = [widths[0]]
-        self.down_blocks = nn.ModuleList()
-        channels, resolution = widths[0], sample_size
-        for level, width in enumerate(widths):
-            is_last = level == len(widths) - 1
-            self.down_blocks.append(
-                DiffAEDownBlock2D(
-                    channels,
-                    width,
-                    num_res_blocks,
-                    add_attention=resolution in attention_resolutions,
-                    num_heads=num_heads,
-                    add_downsample=not is_last,
-                    **block_kwargs,
-                )
-            )
-            channels = width
-            skip_channels += [width] * (num_res_blocks + (0 if is_last else 1))
-            if not is_last:
-                resolution //= 2
+        self.down_blocks, skip_channels, resolution = contracting_path(
+            widths, sample_size, num_res_blocks, attention_resolutions, num_heads, **block_kwargs
+        )
+        channels = widths[-1]
 
         # 3. bottleneck
         self.mid_block = DiffAEMidBlock2D(channels, num_heads=num_heads, **block_kwargs)
