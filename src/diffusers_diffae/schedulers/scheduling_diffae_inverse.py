@@ -47,7 +47,9 @@ class DiffAEInverseScheduler(DDIMInverseScheduler):
     ) -> DDIMSchedulerOutput | tuple:
         """Moves `sample` (B, C, H, W) from level `timestep` to the next level of `self.timesteps`."""
         if self.config.prediction_type != "epsilon":
-            raise ValueError(f"DiffAEInverseScheduler needs prediction_type='epsilon', got {self.config.prediction_type!r}")
+            raise ValueError(
+                f"DiffAEInverseScheduler needs prediction_type='epsilon', got {self.config.prediction_type!r}"
+            )
         eps = model_output
         if self.config.clip_sample:
             # The parent clips x0 but keeps the raw eps; the official code re-derives eps from the clipped x0. Handed
