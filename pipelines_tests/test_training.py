@@ -18,16 +18,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAINING_DIR = REPO_ROOT / "training"
 sys.path.insert(0, str(TRAINING_DIR))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _checkpoints  # noqa: E402
 import _common  # noqa: E402
 import _tiny_data  # noqa: E402
 import train_attribute_classifier  # noqa: E402
 import train_diffae  # noqa: E402
 import train_latent_ddim  # noqa: E402
+
 
 TINY_MODEL = {
     "unet": {
@@ -186,7 +189,9 @@ def test_channels_last_training_is_the_same_fp32_maths(data, tmp_path):
     timesteps = torch.tensor([0, 10, 500, 999])
     losses, grads = [], []
     for fmt in (torch.contiguous_format, torch.channels_last):
-        module = train_diffae.DiffAETrainingModule(copy.deepcopy(tiny_unet()), copy.deepcopy(tiny_encoder()), scheduler)
+        module = train_diffae.DiffAETrainingModule(
+            copy.deepcopy(tiny_unet()), copy.deepcopy(tiny_encoder()), scheduler
+        )
         module.to(memory_format=fmt).train()
         loss = module(x0.contiguous(memory_format=fmt), timesteps, noise.contiguous(memory_format=fmt)).mean()
         loss.backward()
@@ -243,12 +248,12 @@ def test_kill_and_resume_matches_uninterrupted_run(data, tmp_path):
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL
-    latest = _common.resolve_resume_checkpoint("latest", str(resumed))
-    assert 4 <= _common.checkpoint_step(latest) < steps
+    latest = _checkpoints.resolve_resume_checkpoint("latest", str(resumed))
+    assert 4 <= _checkpoints.checkpoint_step(latest) < steps
     # Wreckage of a crash while saving: neither is a complete checkpoint, so `latest` must skip both.
     (resumed / f"checkpoint-{steps + 100}").mkdir()
     (resumed / f".tmp-checkpoint-{steps + 102}").mkdir()
-    assert _common.resolve_resume_checkpoint("latest", str(resumed)) == latest
+    assert _checkpoints.resolve_resume_checkpoint("latest", str(resumed)) == latest
 
     assert (
         run_main(
@@ -536,7 +541,7 @@ def test_max_train_minutes_stops_with_a_checkpoint_and_the_pipeline(data, tmp_pa
               *QUIET]  # fmt: skip
     assert run_main(train_diffae, [*common, "--max_train_steps", 50, "--max_train_minutes", 0]) == 0
     assert "--max_train_minutes 0 reached at step 2" in caplog.text
-    assert [os.path.basename(c) for c in _common.list_checkpoints(str(out))] == ["checkpoint-2"]
+    assert [os.path.basename(c) for c in _checkpoints.list_checkpoints(str(out))] == ["checkpoint-2"]
     assert json.loads((out / "training_args.json").read_text())["global_step"] == 2
     assert (out / "model_index.json").exists()
     # The resumed run may change the EMA decay, as it may the learning rate, and the batch (as a GPU would); the
@@ -547,7 +552,7 @@ def test_max_train_minutes_stops_with_a_checkpoint_and_the_pipeline(data, tmp_pa
     assert json.loads((out / "training_args.json").read_text())["global_step"] == 4
     assert "unet_ema was saved with decay 0.9999; continuing with --ema_decay 0.99" in caplog.text
     assert json.loads((out / "checkpoint-4" / "unet_ema" / "config.json").read_text())["decay"] == 0.99
-    state = json.loads((out / "checkpoint-4" / _common.TRAINING_STATE_FILE).read_text())
+    state = json.loads((out / "checkpoint-4" / _checkpoints.TRAINING_STATE_FILE).read_text())
     assert state["images_per_step_history"] == [
         {"steps": [0, 2], "images_per_step": 8},
         {"steps": [2, 4], "images_per_step": 4},
@@ -572,42 +577,59 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, caplog):
     assert code == 2
     assert "NaN or infinite at step" in caplog.text
     assert not (out / "model_index.json").exists()
-    for checkpoint in _common.list_checkpoints(str(out)):
+    for checkpoint in _checkpoints.list_checkpoints(str(out)):
         for part in ("unet", "encoder"):
             weights = load_file(os.path.join(checkpoint, part, "diffusion_pytorch_model.safetensors"))
             assert all(torch.isfinite(w).all() for w in weights.values()), checkpoint
 
 
+def histories(resume_state, start_step, step, mixed_precision="no", learning_rate=1e-4, images_per_step=8,
+              ema_decay=None, resumed_rate=1e-4, resumed_decay=None):  # fmt: skip
+    """The settings' records as train_diffae.py writes them into a checkpoint."""
+    current = {"mixed_precision": mixed_precision, "learning_rate": learning_rate, "images_per_step": images_per_step,
+               "ema_decay": ema_decay}  # fmt: skip
+    resumed = {"learning_rate": resumed_rate, "ema_decay": resumed_decay}
+    return _checkpoints.setting_histories(resume_state, start_step, step, current, resumed)
+
+
 def test_precision_history_merges_stretches_and_marks_unrecorded_steps():
-    history = _common.precision_history(None, 0, 5, "no")
+    describe = _checkpoints.describe_history
+    history = histories({}, 0, 5, mixed_precision="no")["precision_history"]
     assert history == [{"steps": [0, 5], "mixed_precision": "no"}]
-    assert _common.describe_history(history, "mixed_precision", "?") == "no"
-    history = _common.precision_history({"precision_history": history}, 5, 9, "no")  # same precision: one stretch
+    assert describe(history, "mixed_precision", "?") == "no"
+    history = histories({"precision_history": history}, 5, 9)["precision_history"]  # same precision: one stretch
     assert history == [{"steps": [0, 9], "mixed_precision": "no"}]
-    history = _common.precision_history({"precision_history": history}, 9, 12, "bf16")
-    assert _common.describe_history(history, "mixed_precision", "?") == "no (steps 0-9), bf16 (steps 9-12)"
-    assert _common.precision_history({"precision_history": history}, 12, 12, "fp16") == history  # no steps run
-    legacy = _common.precision_history({"global_step": 40}, 40, 50, "bf16")  # a checkpoint from before the record
-    assert _common.describe_history(legacy, "mixed_precision", "?") == "not recorded (steps 0-40), bf16 (steps 40-50)"
-    assert _common.describe_history([], "mixed_precision", "accelerate default") == "accelerate default"
+    history = histories({"precision_history": history}, 9, 12, mixed_precision="bf16")["precision_history"]
+    assert describe(history, "mixed_precision", "?") == "no (steps 0-9), bf16 (steps 9-12)"
+    no_steps = histories({"precision_history": history}, 12, 12, mixed_precision="fp16")["precision_history"]
+    assert no_steps == history
+    # A checkpoint from before the record:
+    legacy = histories({"global_step": 40}, 40, 50, mixed_precision="bf16")["precision_history"]
+    assert describe(legacy, "mixed_precision", "?") == "not recorded (steps 0-40), bf16 (steps 40-50)"
+    assert describe([], "mixed_precision", "accelerate default") == "accelerate default"
 
 
 def test_learning_rate_history_fills_legacy_steps_with_the_restored_rate():
-    legacy = _common.learning_rate_history({"global_step": 40}, 40, 50, 1e-4, resumed_rate=3e-4)
+    legacy = histories({"global_step": 40}, 40, 50, learning_rate=1e-4, resumed_rate=3e-4)["learning_rate_history"]
     assert legacy == [{"steps": [0, 40], "learning_rate": 3e-4}, {"steps": [40, 50], "learning_rate": 1e-4}]
-    assert _common.describe_history(legacy, "learning_rate", "?") == "0.0003 (steps 0-40), 0.0001 (steps 40-50)"
-    again = _common.learning_rate_history({"learning_rate_history": legacy}, 50, 60, 1e-4, resumed_rate=1e-4)
-    assert again == [{"steps": [0, 40], "learning_rate": 3e-4}, {"steps": [40, 60], "learning_rate": 1e-4}]
+    describe = _checkpoints.describe_history
+    assert describe(legacy, "learning_rate", "?") == "0.0003 (steps 0-40), 0.0001 (steps 40-50)"
+    again = histories({"learning_rate_history": legacy}, 50, 60, learning_rate=1e-4, resumed_rate=1e-4)
+    assert again["learning_rate_history"] == [
+        {"steps": [0, 40], "learning_rate": 3e-4},
+        {"steps": [40, 60], "learning_rate": 1e-4},
+    ]
 
 
 def test_batch_and_ema_histories_fill_legacy_steps_from_the_checkpoint():
     # A checkpoint from before the records: its saved layout and its EMA's decay stand for the steps it ran.
     legacy = {"global_step": 100, "num_processes": 2, "train_batch_size": 16}
-    batches = _common.images_per_step_history(legacy, 100, 110, 256)
+    batches = histories(legacy, 100, 110, images_per_step=256)["images_per_step_history"]
     assert batches == [{"steps": [0, 100], "images_per_step": 32}, {"steps": [100, 110], "images_per_step": 256}]
-    assert _common.images_seen(batches) == 100 * 32 + 10 * 256
-    assert _common.images_seen(_common.images_per_step_history({"global_step": 5}, 5, 6, 8)) is None  # unknown
-    decays = _common.ema_decay_history(legacy, 100, 110, 0.996, resumed_decay=0.9995)
+    assert _checkpoints.images_seen(batches) == 100 * 32 + 10 * 256
+    unknown = histories({"global_step": 5}, 5, 6, images_per_step=8)["images_per_step_history"]
+    assert _checkpoints.images_seen(unknown) is None
+    decays = histories(legacy, 100, 110, ema_decay=0.996, resumed_decay=0.9995)["ema_decay_history"]
     assert decays == [{"steps": [0, 100], "ema_decay": 0.9995}, {"steps": [100, 110], "ema_decay": 0.996}]
 
 
@@ -620,9 +642,9 @@ def test_set_peak_learning_rate_keeps_the_schedule_shape():
     for _ in range(5):
         optimizer.step()
         scheduler.step()
-    assert _common.set_peak_learning_rate(scheduler, 3e-4) == 3e-4  # same rate: nothing changes
+    assert _checkpoints.set_peak_learning_rate(scheduler, 3e-4) == 3e-4  # same rate: nothing changes
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1.5e-4)
-    assert _common.set_peak_learning_rate(scheduler, 1e-4) == 3e-4
+    assert _checkpoints.set_peak_learning_rate(scheduler, 1e-4) == 3e-4
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5e-4)  # half-way down the linear decay, new peak
     assert scheduler.get_last_lr() == [pytest.approx(0.5e-4)]
     optimizer.step()
@@ -635,12 +657,12 @@ def test_checkpoint_selection_skips_incomplete_folders(tmp_path):
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
         if complete:
-            (folder / _common.TRAINING_STATE_FILE).write_text(json.dumps({"global_step": step}))
+            (folder / _checkpoints.TRAINING_STATE_FILE).write_text(json.dumps({"global_step": step}))
     (tmp_path / ".tmp-checkpoint-14").mkdir()
-    assert _common.resolve_resume_checkpoint("latest", str(tmp_path)) == str(tmp_path / "checkpoint-10")
-    assert _common.resolve_resume_checkpoint("checkpoint-2", str(tmp_path)) == str(tmp_path / "checkpoint-2")
-    assert _common.resolve_resume_checkpoint("latest", str(tmp_path / "nothing")) is None
+    assert _checkpoints.resolve_resume_checkpoint("latest", str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert _checkpoints.resolve_resume_checkpoint("checkpoint-2", str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    assert _checkpoints.resolve_resume_checkpoint("latest", str(tmp_path / "nothing")) is None
     with pytest.raises(_common.TrainingInputError, match="not a complete checkpoint"):
-        _common.resolve_resume_checkpoint("checkpoint-12", str(tmp_path))
+        _checkpoints.resolve_resume_checkpoint("checkpoint-12", str(tmp_path))
     with pytest.raises(_common.TrainingInputError, match="no such checkpoint folder"):
-        _common.resolve_resume_checkpoint(str(tmp_path / "checkpoint-99"), str(tmp_path))
+        _checkpoints.resolve_resume_checkpoint(str(tmp_path / "checkpoint-99"), str(tmp_path))

@@ -21,27 +21,26 @@ import json
 import logging
 import math
 import os
-import shutil
-import sys
-import uuid
 from typing import Dict, List, Optional, Tuple
 
+import _checkpoints
+import _common
+import _data
+import _models
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-import _common
 from _common import TrainingInputError
+from accelerate.logging import get_logger
 
-logger = logging.getLogger("train_attribute_classifier")
+
+logger = get_logger("train_attribute_classifier")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train linear attribute classifiers on DiffAE semantic codes.")
-    parser.add_argument(
-        "--pipeline", type=str, required=True, help="The trained autoencoder (a DiffAEPipeline folder)."
-    )
-    _common.add_dataset_arguments(parser, resolution_default=None)
+    _data.add_encoding_arguments(parser)
+    _data.add_dataset_arguments(parser)
     parser.add_argument(
         "--label_columns",
         type=str,
@@ -81,8 +80,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Normalise with the statistics stored in the encoder (official: the autoencoder's training set) or "
         "with this training split's; auto: the encoder's when they were set (train_latent_ddim.py sets them).",
     )
-    parser.add_argument("--z_sem_cache", type=str, default=None, help="safetensors cache of the encoded dataset.")
-    parser.add_argument("--encode_batch_size", type=int, default=64)
 
     group = parser.add_argument_group("few-shot (paper §5.6)")
     group.add_argument("--few_shot", type=int, default=None, help="K labelled positives (one binary label column).")
@@ -131,7 +128,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.output_dir = args.output_dir or args.pipeline
     args.report_path = args.report_path or os.path.join(args.output_dir, "classifier_report.json")
     args.z_sem_cache = args.z_sem_cache or os.path.join(args.output_dir, "classifier_training", "z_sem.safetensors")
-    args.random_flip = False
+
+    _common.check_positive(args, ["train_batch_size", "encode_batch_size", "learning_rate", "max_train_steps"])
+    args.label_columns = [c.strip() for c in args.label_columns.split(",") if c.strip()]
+    args.continuous_columns = [c.strip() for c in args.continuous_columns.split(",") if c.strip()]
+    if not args.label_columns or len(set(args.label_columns)) != len(args.label_columns):
+        raise TrainingInputError("--label_columns must name one or more distinct columns")
+    if args.few_shot is not None:
+        if args.few_shot < 1:
+            raise TrainingInputError("--few_shot must be a positive number of labelled positives")
+        if len(args.label_columns) != 1:
+            raise TrainingInputError("the few-shot modes train one binary attribute: give a single --label_columns")
     return args
 
 
@@ -344,9 +351,31 @@ def evaluate(classifier, z_normalized, targets, names, types) -> Dict[str, Dict]
     return report
 
 
-def card_table(report: Dict[str, Dict]) -> str:
-    lines = ["| attribute | type | held-out metric |", "|---|---|---|"]
-    for name, row in report.items():
+def card_notes(args: argparse.Namespace, summary: Dict) -> str:
+    """The model card's `## Attribute classifier` section: the training setting and a table of held-out metrics."""
+    few_shot = summary["few_shot"]
+    setting = "all labelled training rows"
+    if few_shot and few_shot["mode"] == "binary":
+        setting = f"few-shot binary: {args.few_shot} labelled positives and {args.few_shot} labelled negatives"
+    elif few_shot:
+        setting = (
+            f"few-shot PU: {args.few_shot} labelled positives (oversampled x{few_shot['positive_repeats']}) "
+            f"and {few_shot['unlabeled']} unlabelled rows"
+        )
+    held_out = (
+        f"split `{args.validation_split_name}`" if args.validation_split_name else f"{args.validation_split:.0%}"
+    )
+    lines = [
+        "Linear heads on normalised z_sem (`classifier` component), for attribute editing "
+        "(`pipe.edit(images, attribute=...)`) and conditional sampling (`pipe(attribute=...)`).",
+        "",
+        f"- trained on {setting} of `{args.dataset_name or args.train_data_dir}`; statistics: {summary['statistics']}",
+        f"- held out: {summary['validation_rows']} rows ({held_out})",
+    ]
+    if summary["mean_auroc"] is not None:
+        lines.append(f"- mean AUROC over binary attributes: {summary['mean_auroc']:.3f}")
+    lines += ["", "| attribute | type | held-out metric |", "|---|---|---|"]
+    for name, row in summary["attributes"].items():
         if row["type"] == "binary":
             metric = "AUROC n/a (one class)" if row["auroc"] is None else f"AUROC {row['auroc']:.3f}"
             metric += f", accuracy {row['accuracy']:.3f} ({row['positives']}/{row['count']} positive)"
@@ -359,41 +388,18 @@ def card_table(report: Dict[str, Dict]) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    _common.check_positive(args, ["train_batch_size", "encode_batch_size", "learning_rate", "max_train_steps"])
-    names = [c.strip() for c in args.label_columns.split(",") if c.strip()]
-    continuous = [c.strip() for c in args.continuous_columns.split(",") if c.strip()]
-    if not names or len(set(names)) != len(names):
-        raise TrainingInputError("--label_columns must name one or more distinct columns")
-    if args.few_shot is not None:
-        if args.few_shot < 1:
-            raise TrainingInputError("--few_shot must be a positive number of labelled positives")
-        if len(names) != 1:
-            raise TrainingInputError("the few-shot modes train one binary attribute: give a single --label_columns")
-    if not os.path.isfile(os.path.join(args.pipeline, "model_index.json")):
-        raise TrainingInputError(f"--pipeline {args.pipeline!r} is not a saved pipeline folder (no model_index.json)")
+    names, continuous = args.label_columns, args.continuous_columns
 
-    from accelerate import Accelerator
+    from diffusers_diffae import AttributeClassifier
 
-    from diffusers_diffae import AttributeClassifier, DiffAEPipeline
-
-    pipe = DiffAEPipeline.from_pretrained(args.pipeline)
-    if args.resolution is None:
-        args.resolution = pipe.encoder.config.sample_size
-    if args.resolution != pipe.encoder.config.sample_size:
-        raise TrainingInputError(
-            f"--resolution {args.resolution} differs from the encoder's sample_size {pipe.encoder.config.sample_size}"
-        )
-    accelerator = Accelerator(cpu=_common.no_accelerator_device())
-    _common.configure_cpu_threads(None, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
-    log = (lambda msg: logger.info(msg)) if accelerator.is_main_process else (lambda msg: None)
+    pipe = _models.load_autoencoder(args)
+    accelerator = _common.make_accelerator()
 
     # 1. data and labels, all checked before the (expensive) encoding
-    dataset = _common.check_image_column(_common.load_dataset_from_args(args), args.image_column)
+    dataset = _data.load_dataset_from_args(args)
     targets, types = label_columns(dataset, names, continuous)
     if args.validation_split_name:
-        held_out = _common.check_image_column(
-            _common.load_dataset_from_args(args, split=args.validation_split_name), args.image_column
-        )
+        held_out = _data.load_dataset_from_args(args, split=args.validation_split_name)
         held_targets, held_types = label_columns(held_out, names, continuous)
         if held_types != types:
             raise TrainingInputError(f"label types differ between splits: {types} vs {held_types}")
@@ -403,31 +409,27 @@ def main(argv=None) -> int:
     if args.few_shot is not None and types[0] != "binary":
         raise TrainingInputError(f"the few-shot modes need a binary attribute; {names[0]!r} is continuous")
 
-    # 2. codes
+    # 2. codes, and the statistics that normalise them
     encoder = pipe.encoder.to(accelerator.device)
-    z_sem = _common.encode_dataset(
-        accelerator, encoder, dataset, args, args.z_sem_cache, args.encode_batch_size, log=log
-    )
+    z_sem = _data.encode_dataset(accelerator, encoder, dataset, args, args.z_sem_cache, args.encode_batch_size)
     if args.validation_split_name:
         cache = args.z_sem_cache.replace(".safetensors", f"-{args.validation_split_name}.safetensors")
-        held_z = _common.encode_dataset(accelerator, encoder, held_out, args, cache, args.encode_batch_size, log=log)
+        held_z = _data.encode_dataset(accelerator, encoder, held_out, args, cache, args.encode_batch_size)
     else:
         held_z, held_targets = z_sem[validation_rows], targets[validation_rows]
     if not accelerator.is_main_process:  # the heads are tiny: one process trains them
         accelerator.wait_for_everyone()
         return 0
-
-    use_encoder = args.z_sem_statistics == "encoder" or (
-        args.z_sem_statistics == "auto" and _common.statistics_are_set(pipe.encoder)
-    )
-    if use_encoder:
-        mean, std = pipe.encoder.z_sem_mean.cpu().float(), pipe.encoder.z_sem_std.cpu().float()
+    # The fresh buffers (mean 0, std 1) of an encoder whose statistics were never stored do not count as set.
+    encoder_statistics = not (torch.all(encoder.z_sem_mean == 0) and torch.all(encoder.z_sem_std == 1))
+    if args.z_sem_statistics == "encoder" or (args.z_sem_statistics == "auto" and encoder_statistics):
+        mean, std = encoder.z_sem_mean.cpu().float(), encoder.z_sem_std.cpu().float()
         source = "the encoder's stored statistics"
     else:
         train_z = z_sem[train_rows].double()
         mean, std = train_z.mean(0).float(), train_z.std(0).clamp_min(1e-12).float()
         source = "the training split"
-    log(f"normalising z_sem with {source}")
+    logger.info(f"normalising z_sem with {source}")
 
     # 3. training rows (few-shot or all) and the heads
     few_shot_info = None
@@ -447,37 +449,22 @@ def main(argv=None) -> int:
         accelerator.wait_for_everyone()
         return 2
 
-    # 4. held-out metrics, edit targets (Eq. 11: median logit of the real positives) and saving
+    # 4. held-out metrics, and the edit targets (Eq. 11: the median logit of the real positives)
     classifier.eval()
-    report = evaluate(
-        classifier,
-        classifier.normalize_z_sem(held_z.float().to(classifier.z_sem_mean.device)),
-        held_targets,
-        names,
-        types,
-    )
+    held_z_normalized = classifier.normalize_z_sem(held_z.float().to(classifier.z_sem_mean.device))
+    report = evaluate(classifier, held_z_normalized, held_targets, names, types)
     with torch.no_grad():
         train_logits = classifier(z_train.to(classifier.linear.weight.device), normalized=True).logits.cpu()
-    targets_logit = []
-    for k, kind in enumerate(types):
-        positive = y[:, k] > 0.5
-        targets_logit.append(
-            float(train_logits[positive, k].median()) if kind == "binary" and positive.any() else None
-        )
+    target_logits = [
+        float(train_logits[y[:, k] > 0.5, k].median()) if kind == "binary" and (y[:, k] > 0.5).any() else None
+        for k, kind in enumerate(types)
+    ]
     final = AttributeClassifier(
-        num_channels=z_sem.shape[1], attribute_names=names, attribute_types=types, target_logits=targets_logit
+        num_channels=z_sem.shape[1], attribute_names=names, attribute_types=types, target_logits=target_logits
     )
     final.load_state_dict(classifier.state_dict())
-    pipe.register_modules(classifier=final.to("cpu"))
-    staging = os.path.join(args.output_dir, f".tmp-pipeline-{uuid.uuid4().hex[:8]}")
-    os.makedirs(args.output_dir, exist_ok=True)
-    pipe.to("cpu").save_pretrained(staging)
-    if os.path.abspath(args.output_dir) != os.path.abspath(args.pipeline):
-        card = os.path.join(args.pipeline, "README.md")
-        if os.path.isfile(card):
-            shutil.copyfile(card, os.path.join(staging, "README.md"))
-    _common.replace_folder_contents(staging, args.output_dir)
 
+    # 5. the classifier into the pipeline folder, the report and the model card
     binary_scores = [r["auroc"] for r in report.values() if r["type"] == "binary" and r["auroc"] is not None]
     summary = {
         "attributes": report,
@@ -487,63 +474,22 @@ def main(argv=None) -> int:
         "statistics": source,
         "few_shot": few_shot_info,
         "final_loss": float(np.mean(losses[-50:])),
-        "target_logits": dict(zip(names, targets_logit)),
+        "target_logits": dict(zip(names, target_logits)),
     }
+    for name, row in report.items():
+        values = [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "type"]
+        logger.info(f"{name}: {', '.join(values)}")
+    pipe.register_modules(classifier=final.to("cpu"))
+    _checkpoints.save_stage(pipe, args, "Attribute classifier", card_notes(args, summary))
     os.makedirs(os.path.dirname(os.path.abspath(args.report_path)), exist_ok=True)
     with open(args.report_path, "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
-    for name, row in report.items():
-        log(
-            f"{name}: "
-            + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "type")
-        )
-    setting = "all labelled training rows"
-    if few_shot_info and few_shot_info["mode"] == "binary":
-        setting = f"few-shot binary: {args.few_shot} labelled positives and {args.few_shot} labelled negatives"
-    elif few_shot_info:
-        setting = (
-            f"few-shot PU: {args.few_shot} labelled positives (oversampled x{few_shot_info['positive_repeats']}) "
-            f"and {few_shot_info['unlabeled']} unlabelled rows"
-        )
-    body = (
-        "Linear heads on normalised z_sem (`classifier` component), for attribute editing "
-        "(`pipe.edit(images, attribute=...)`) and conditional sampling (`pipe(attribute=...)`).\n\n"
-        f"- trained on {setting} of `{args.dataset_name or args.train_data_dir}`; statistics: {source}\n"
-        f"- held out: {len(held_targets)} rows"
-        + (
-            f" (split `{args.validation_split_name}`)"
-            if args.validation_split_name
-            else f" ({args.validation_split:.0%})"
-        )
-        + "\n"
-        + (
-            f"- mean AUROC over binary attributes: {summary['mean_auroc']:.3f}\n"
-            if summary["mean_auroc"] is not None
-            else ""
-        )
-        + "\n"
-        + card_table(report)
-        + "\n"
-    )
-    _common.update_card_section(
-        os.path.join(args.output_dir, "README.md"),
-        "Attribute classifier",
-        body,
-        _common.front_matter(["diffae", "diffusion-autoencoder", "diffusers"], "mit"),
-    )
-    log(f"added the classifier to {args.output_dir}; report: {args.report_path}")
+    logger.info(f"added the classifier to {args.output_dir}; report: {args.report_path}")
     if args.push_to_hub:
-        repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-        _common.push_folder_to_hub(
-            args.output_dir, repo_id, args.hub_token, args.hub_private_repo, "attribute classifier"
-        )
+        _common.push_to_hub(args, args.output_dir, "attribute classifier")
     accelerator.wait_for_everyone()
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except TrainingInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    _common.run_main(main)
