@@ -15,10 +15,15 @@ from torch import nn
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 and cast back, as the official `GroupNorm32` (keeps bf16/fp16 runs stable)."""
+    """GroupNorm computed in float32 and cast back, as the official `GroupNorm32` (keeps bf16/fp16 runs stable).
+
+    The affine parameters join the float32 computation too, so a model cast to fp16/bf16 still normalises in fp32.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 def normalization(channels: int) -> GroupNorm32:
