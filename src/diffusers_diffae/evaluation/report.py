@@ -5,9 +5,10 @@ import math
 import os
 from typing import Dict, List, Optional
 
-import numpy as np
-import PIL.Image
 import torch
+
+from ..image_utils import image_grid
+
 
 # The probes that judge edits, by the space they read (see `Evaluation.manipulation`), and their names in the report.
 JUDGE_NAMES = {"pixels": "pixel", "z_sem": "z_sem", "features": "feature"}
@@ -341,17 +342,6 @@ def quality_plot(results: Dict, path: str) -> Optional[str]:
     return None
 
 
-def image_grid(rows: List[torch.Tensor], path: str, scale: int = 2) -> None:
-    """Saves rows of (N, C, H, W) images in [0, 1] as one PNG, one row per tensor."""
-    tiles = []
-    for row in rows:
-        array = (row.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-        tiles.append(np.concatenate(list(array), axis=1))
-    grid = np.concatenate(tiles, axis=0)
-    image = PIL.Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid)
-    image.resize((image.width * scale, image.height * scale), PIL.Image.NEAREST).save(path)
-
-
 def write_report(
     results: Dict,
     output_dir: str,
@@ -372,9 +362,8 @@ def write_report(
     if examples and inputs is not None:
         T = 20 if 20 in examples else sorted(examples)[0]
         grid_name = f"{tag}_reconstructions.png"
-        image_grid(
-            [inputs] + [imgs[: len(inputs)] for imgs in examples[T].values()], os.path.join(output_dir, grid_name)
-        )
+        rows = [inputs] + [imgs[: len(inputs)] for imgs in examples[T].values()]
+        image_grid(rows, scale=2).save(os.path.join(output_dir, grid_name))
         results["plots"]["reconstructions"] = f"{grid_name}: rows = input, " + ", ".join(examples[T]) + f" at T={T}"
         written.append(os.path.join(output_dir, grid_name))
     json_path = os.path.join(output_dir, f"{tag}.json")
