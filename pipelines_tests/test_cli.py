@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from tiny import Z, tiny_pipeline
 
 from diffusers_diffae import AttributeClassifier
-from diffusers_diffae.cli import fit_few_shot_head, main
+from diffusers_diffae.cli import main
+from diffusers_diffae.image_utils import image_grid, to_pil
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,21 @@ def samples_dir(tmp_path_factory):
 
 def test_demo_writes_every_section(tmp_path, model_dir, samples_dir, capsys):
     out = tmp_path / "demo"
-    code = main(["demo", "--model", str(model_dir), "--samples", str(samples_dir), "--output", str(out), "--steps", "2", "--num_images", "8"])
+    code = main(
+        [
+            "demo",
+            "--model",
+            str(model_dir),
+            "--samples",
+            str(samples_dir),
+            "--output",
+            str(out),
+            "--steps",
+            "2",
+            "--num_images",
+            "8",
+        ]
+    )
     assert code == 0
     for name in ("index.html", "metrics.json", "reconstructions.png", "interpolations.png", "variations.png",
                  "edit_dark_skin.png", "edit_is_woman.png", "samples.png", "few_shot_samples.png"):  # fmt: skip
@@ -65,7 +80,24 @@ def test_subcommands_round_trip(tmp_path, model_dir, samples_dir):
     assert main(["decode", *base, "--codes", str(codes), "--random-xT", "--output", str(tmp_path / "var")]) == 0
     assert main(["reconstruct", *base, "--images", *images, "--output", str(tmp_path / "rec")]) == 0
     assert main(["interpolate", *base, "--images", *images, "--frames", "3", "--output", str(tmp_path / "int")]) == 0
-    assert main(["edit", *base, "--images", images[0], "--attribute", "is_woman", "--strengths", "-0.5", "0.5", "--output", str(tmp_path / "edit")]) == 0
+    assert (
+        main(
+            [
+                "edit",
+                *base,
+                "--images",
+                images[0],
+                "--attribute",
+                "is_woman",
+                "--strengths",
+                "-0.5",
+                "0.5",
+                "--output",
+                str(tmp_path / "edit"),
+            ]
+        )
+        == 0
+    )
     assert main(["sample", *base, "--num", "2", "--output", str(tmp_path / "smp")]) == 0
     assert len(list((tmp_path / "dec").glob("*.png"))) == 2
     assert len(list((tmp_path / "int").glob("*.png"))) == 3
@@ -78,19 +110,66 @@ def test_subcommands_round_trip(tmp_path, model_dir, samples_dir):
 
 def test_cli_errors_are_one_line(tmp_path, model_dir, capsys):
     with pytest.raises(SystemExit, match="cannot read image"):
-        main(["reconstruct", "--model", str(model_dir), "--images", str(tmp_path / "missing.png"), "--output", str(tmp_path / "o")])
+        main(
+            [
+                "reconstruct",
+                "--model",
+                str(model_dir),
+                "--images",
+                str(tmp_path / "missing.png"),
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
     bad = tmp_path / "img.png"
     PIL.Image.new("RGB", (16, 16)).save(bad)
-    assert main(["edit", "--model", str(model_dir), "--steps", "2", "--images", str(bad), "--attribute", "wings", "--output", str(tmp_path / "o")]) == 1
+    assert (
+        main(
+            [
+                "edit",
+                "--model",
+                str(model_dir),
+                "--steps",
+                "2",
+                "--images",
+                str(bad),
+                "--attribute",
+                "wings",
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 1
+    )
     assert "unknown attribute 'wings'" in capsys.readouterr().err
     assert main(["reconstruct", "--model", str(tmp_path), "--images", str(bad), "--output", str(tmp_path / "o")]) == 1
     assert "is not a pipeline folder: it has no model_index.json" in capsys.readouterr().err
     (tmp_path / "codes.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(SystemExit, match="cannot read codes .*codes.safetensors"):
-        main(["decode", "--model", str(model_dir), "--codes", str(tmp_path / "codes.safetensors"), "--output", str(tmp_path / "o")])
+        main(
+            [
+                "decode",
+                "--model",
+                str(model_dir),
+                "--codes",
+                str(tmp_path / "codes.safetensors"),
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
     save_file({"w": torch.zeros(2)}, tmp_path / "other.safetensors")
     with pytest.raises(SystemExit, match=r"has no z_sem tensor \(found w\)"):
-        main(["decode", "--model", str(model_dir), "--codes", str(tmp_path / "other.safetensors"), "--output", str(tmp_path / "o")])
+        main(
+            [
+                "decode",
+                "--model",
+                str(model_dir),
+                "--codes",
+                str(tmp_path / "other.safetensors"),
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
     assert not (tmp_path / "o").exists()  # nothing half-written
 
 
@@ -106,9 +185,15 @@ def test_evaluate_and_convert_subcommands_delegate(capsys):
         assert exit_info.value.code == 0 and flag in capsys.readouterr().out
 
 
-def test_few_shot_head_separates_labelled_codes():
-    generator = torch.Generator().manual_seed(0)
-    z = torch.randn(20, 8, generator=generator)
-    labels = (z[:, 0] > 0).float()
-    w, b = fit_few_shot_head(z, labels)
-    assert ((z @ w + b > 0).float() == labels).float().mean() >= 0.95
+def test_image_grid_layout():
+    """Rows of images, each enlarged by pixel repetition, on white with `padding` pixels between and around them."""
+    red, blue = torch.zeros(1, 3, 1, 2), torch.zeros(1, 3, 1, 2)
+    red[:, 0], blue[:, 2] = 1.0, 1.0
+    grid = np.asarray(image_grid([torch.cat([red, blue]), red], scale=2, padding=1))
+    assert grid.shape == (2 * (2 + 1) + 1, 2 * (4 + 1) + 1, 3)
+    assert (grid[1:3, 1:5] == [255, 0, 0]).all() and (grid[1:3, 6:10] == [0, 0, 255]).all()
+    assert (grid[4:6, 1:5] == [255, 0, 0]).all()
+    assert (grid[4:6, 6:10] == 255).all() and (grid[0] == 255).all() and (grid[:, 5] == 255).all()  # white
+    grey = image_grid(list(torch.full((3, 1, 2, 2), 0.5).split(2)), padding=2, num_columns=2)
+    assert grey.mode == "L" and grey.size == (10, 10) and np.asarray(grey)[2, 2] == 128
+    assert [image.size for image in to_pil(torch.rand(2, 3, 5, 4))] == [(4, 5), (4, 5)]

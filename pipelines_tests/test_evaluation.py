@@ -12,8 +12,7 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler
 from tiny import ENCODER, UNET, Z
 
 from diffusers_diffae import AttributeClassifier, DiffAEPipeline, DiffAEUNet2DModel, LatentMLPDenoiser, SemanticEncoder
-from diffusers_diffae.evaluation import fid, metrics
-from diffusers_diffae.evaluation.sampling import ddim_decode, ddim_invert
+from diffusers_diffae.evaluation import fid, latent, metrics
 from diffusers_diffae.evaluation.suite import (
     Evaluation,
     EvaluationData,
@@ -25,6 +24,7 @@ from diffusers_diffae.evaluation.suite import (
     run,
 )
 from diffusers_diffae.presets import _ddim_config
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reconstruction metrics
@@ -120,7 +120,8 @@ def test_auroc_hand_example_with_ties():
     scores = [0.1, 0.4, 0.35, 0.8, 0.4]
     labels = [0, 0, 1, 1, 1]
     assert metrics.auroc(scores, labels) == pytest.approx(0.75)
-    assert metrics.average_ranks(scores).tolist() == [1.0, 3.5, 2.0, 5.0, 3.5]
+    rankdata = pytest.importorskip("scipy.stats").rankdata  # the ranks behind auroc: ties share their average
+    assert rankdata(scores).tolist() == [1.0, 3.5, 2.0, 5.0, 3.5]
     assert metrics.auroc([1, 2, 3, 4], [0, 0, 1, 1]) == 1.0
     assert metrics.auroc([4, 3, 2, 1], [0, 0, 1, 1]) == 0.0
     assert metrics.auroc([5, 5, 5, 5], [True, False, True, False]) == 0.5
@@ -128,6 +129,32 @@ def test_auroc_hand_example_with_ties():
         metrics.auroc([0.1, 0.2], [1, 1])
     with pytest.raises(ValueError, match="binary"):
         metrics.auroc([0.1, 0.2, 0.3], [0, 1, 2])
+
+
+def test_auroc_equals_the_pairwise_count_with_ties():
+    """The rank formula against the definition: the share of (positive, negative) pairs the positive wins, ties
+    counting one half, exactly."""
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(4, 60))
+        scores = rng.integers(0, 6, n).astype(float) if rng.random() < 0.5 else rng.normal(size=n)
+        labels = np.r_[0, 1, rng.integers(0, 2, n - 2)]
+        pos, neg = scores[labels == 1][:, None], scores[labels == 0][None, :]
+        pairwise = ((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size)
+        assert metrics.auroc(scores, labels) == pairwise
+
+
+def test_few_shot_head_separates_labelled_codes():
+    """The demo's few-shot head (§5.6): a class-balanced probe on already normalised codes, in float32."""
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(20, 8, generator=generator)
+    labels = (z[:, 0] > 0).float()
+    w, b, mean, std = metrics.fit_logistic_probe(
+        z, labels, max_iter=300, standardize=False, class_balanced=True, dtype=torch.float32
+    )
+    assert w.dtype == torch.float32 and torch.equal(mean, torch.zeros(8)) and torch.equal(std, torch.ones(8))
+    assert ((z @ w + b > 0).float() == labels).float().mean() >= 0.95
+    assert torch.equal(metrics.probe_scores(z, (w, b, mean, std)), z @ w + b)
 
 
 def test_linear_probe_separable_and_random_labels():
@@ -254,6 +281,7 @@ def test_nvidia_resize_keeps_flat_images_and_inception_features():
 # Tiny models for the loops and the command
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _unet(z_sem_channels):
     # random non-zero outputs (zero_init=False) so that the loops do something
     return DiffAEUNet2DModel(**{**UNET, "z_sem_channels": z_sem_channels, "zero_init": False}).eval()
@@ -277,28 +305,44 @@ def _pipeline():
     )
 
 
-def test_ddim_loops_match_the_pipeline_and_run_without_z_sem():
-    pipe = _pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    x0 = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    z = pipe.encoder(x0).z_sem
-    x_T = ddim_invert(pipe.unet, pipe.inverse_scheduler, x0, z, 4)
-    assert torch.equal(x_T, pipe.invert(x0, z, 4))
-    assert torch.equal(ddim_decode(pipe.unet, pipe.scheduler, x_T, z, 4), pipe.denoise(z, x_T, 4))
-    # The baseline: same loops, no z_sem.
-    baseline = _unet(None)
-    x_T_base = ddim_invert(baseline, pipe.inverse_scheduler, x0, None, 4)
-    assert x_T_base.shape == x0.shape and not torch.allclose(x_T_base, x_T)
-    decoded = ddim_decode(
-        baseline, pipe.scheduler, None, None, 3, batch_size=2, generator=torch.Generator().manual_seed(0)
+def _baseline(pipe):
+    """The DDIM baseline as the evaluation loads it: the same sampler, a UNet without z_sem, no encoder."""
+    return DiffAEPipeline(
+        unet=_unet(None),
+        encoder=None,
+        scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
+        inverse_scheduler=DDIMInverseScheduler.from_config(pipe.scheduler.config),
     )
-    assert decoded.shape == (2, 3, 16, 16) and decoded.abs().max() <= 1.0 + 1e-6
+
+
+def test_codes_and_decodes_are_the_pipelines_own_with_and_without_z_sem():
+    """The evaluation inverts and decodes with the public `invert` / `denoise` of the pipeline and of the DDIM
+    baseline (a pipeline whose UNet has no z_sem), so its DiffAE and baseline rows run the same loops."""
+    pipe, generator = _pipeline(), torch.Generator().manual_seed(1)
+    baseline = _baseline(pipe)
+    for p in (pipe, baseline):
+        p.set_progress_bar_config(disable=True)
+    images = torch.rand(2, 3, 16, 16, generator=generator)
+    evaluation = Evaluation(pipe, EvaluationData(images), baseline=baseline, batch_size=4)
+    x0 = images * 2 - 1
+    z = pipe.encoder(x0).z_sem
+    x_T = evaluation.x_T(4)
+    assert torch.equal(evaluation.z_sem, z) and torch.equal(x_T, pipe.invert(x0, z, 4))
+    decoded = evaluation.decode(x_T, z, 4)
+    assert torch.equal(decoded, ((pipe.denoise(z, x_T, 4) + 1) / 2).clamp(0, 1))
+    # The baseline: same loops, no z_sem.
+    x_T_base = evaluation.baseline_x_T(4)
+    assert torch.equal(x_T_base, baseline.invert(x0, None, 4))
+    assert x_T_base.shape == x0.shape and not torch.allclose(x_T_base, x_T)
+    base_decoded = evaluation.decode(x_T_base, None, 3, baseline=True)
+    assert torch.equal(base_decoded, ((baseline.denoise(None, x_T_base, 3) + 1) / 2).clamp(0, 1))
+    assert base_decoded.shape == (2, 3, 16, 16) and 0 <= base_decoded.min() and base_decoded.max() <= 1
+    fresh = baseline.denoise(None, None, 3, batch_size=2, generator=torch.Generator().manual_seed(0))
+    assert fresh.shape == (2, 3, 16, 16) and fresh.abs().max() <= 1.0 + 1e-6
     with pytest.raises(ValueError, match="DDIM baseline without z_sem"):
-        ddim_invert(baseline, pipe.inverse_scheduler, x0, z, 2)
-    with pytest.raises(ValueError, match="conditioned on z_sem"):
-        ddim_decode(pipe.unet, pipe.scheduler, x_T, None, 2)
+        baseline.invert(x0, z, 2)
     with pytest.raises(ValueError, match="batch size"):
-        ddim_decode(baseline, pipe.scheduler, None, None, 2)
+        baseline.denoise(None, None, 2)
 
 
 def test_binary_label_columns():
@@ -444,7 +488,7 @@ def test_latent_section_tells_a_copying_sampler_from_a_fresh_one(monkeypatch):
             return next(codes)
 
         monkeypatch.setattr(pipe, "sample_z_sem", sample_z_sem)
-        results = {"latent": evaluation.latent([2], num_samples=64)}
+        results = {"latent": latent.evaluate(evaluation, [2], num_samples=64)}
         claim = next(c for c in check_claims(results) if c["source"] == "Appendix C")
         return results["latent"], claim
 
@@ -457,7 +501,7 @@ def test_latent_section_tells_a_copying_sampler_from_a_fresh_one(monkeypatch):
     assert copied["train_frechet_to_test"] == fresh_codes["train_frechet_to_test"] > 0
 
     pipe.latent_denoiser = None
-    assert evaluation.latent([2])["skipped"].startswith("skipped: the pipeline has no latent_denoiser")
+    assert latent.evaluate(evaluation, [2])["skipped"].startswith("skipped: the pipeline has no latent_denoiser")
 
 
 def test_reconstruction_claims_use_the_official_ssim_when_measured():
@@ -733,6 +777,7 @@ def test_bundled_ddim_baseline_is_the_bundled_decoder_without_z_sem():
 
     pipe = DiffAEPipeline.from_pretrained(BUNDLED_MODEL)
     baseline = load_baseline(str(ASSETS / "ddim-emoji32-baseline"), pipe)
+    assert isinstance(baseline, DiffAEPipeline) and baseline.encoder is None  # invert / denoise with z_sem=None
 
     def public(config):
         return {k: v for k, v in dict(config).items() if not k.startswith("_")}

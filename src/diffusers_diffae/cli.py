@@ -21,9 +21,11 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-import numpy as np
 import PIL.Image
 import torch
+
+from .image_utils import image_grid
+
 
 ASSETS = Path(__file__).resolve().parent / "demo_assets"
 BUNDLED_MODEL = ASSETS / "diffae-emoji32"
@@ -62,42 +64,28 @@ def load_images(paths: Sequence[str]) -> List[PIL.Image.Image]:
     return images
 
 
-def grid(rows: Sequence[Sequence[PIL.Image.Image]], scale: int = 2, pad: int = 2) -> PIL.Image.Image:
-    """Rows of equally sized images -> one image, upscaled with nearest neighbour so small emoji stay crisp."""
-    w, h = rows[0][0].size
-    w, h = w * scale, h * scale
-    cols = max(len(r) for r in rows)
-    canvas = PIL.Image.new("RGB", (cols * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            canvas.paste(image.resize((w, h), PIL.Image.NEAREST), (pad + j * (w + pad), pad + i * (h + pad)))
-    return canvas
+def save_grid(rows: Sequence[torch.Tensor], path: Path) -> None:
+    """Saves rows of (N, C, H, W) images in [0, 1] as one PNG, enlarged twice so small emoji stay crisp."""
+    image_grid(rows, scale=2, padding=2).save(path)
 
 
-def to_pil(images: torch.Tensor) -> List[PIL.Image.Image]:
-    array = (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    return [PIL.Image.fromarray(a) for a in array]
-
-
-def rows_per_input(inputs: torch.Tensor, outputs: torch.Tensor) -> List[List[PIL.Image.Image]]:
+def rows_per_input(inputs: torch.Tensor, outputs: torch.Tensor) -> List[torch.Tensor]:
     """Grid rows: each input (N, 3, H, W), then its N_out / N consecutive outputs (image i owns rows i*k ... i*k+k-1)."""
     k = outputs.shape[0] // inputs.shape[0]
-    firsts, rest = to_pil(inputs), to_pil(outputs)
-    return [[first] + rest[i * k : (i + 1) * k] for i, first in enumerate(firsts)]
+    return [torch.cat([inputs[i : i + 1], outputs[i * k : (i + 1) * k]]) for i in range(inputs.shape[0])]
 
 
 def reconstruction_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict:
     """MSE, PSNR (dB), SSIM (7x7 window inside the image) and the official code's SSIM (11x11, zero-padded, the
-    paper's protocol) of images in [0, 1], averaged over the batch; the evaluation's metrics."""
+    paper's protocol) of images in [0, 1], averaged over the batch; SSIMs are None without pytorch-msssim."""
     from .evaluation import metrics
 
-    result = {"mse": metrics.mse(pred, target).mean().item(), "psnr": metrics.psnr(pred, target).mean().item()}
     try:
-        result["ssim"] = metrics.ssim(pred, target, win_size=7).mean().item()
-        result["ssim_official"] = metrics.ssim(pred, target, zero_padding=True).mean().item()
+        scores = metrics.reconstruction_scores(pred, target, ssim_win_size=7)
     except ImportError:  # reported as "not measured" (pytorch-msssim is in the `metrics` extra)
-        result["ssim"] = result["ssim_official"] = None
-    return result
+        scores = {"mse": metrics.mse(pred, target), "psnr": metrics.psnr(pred, target)}
+        scores.update(ssim=None, ssim_official=None)
+    return {name: None if values is None else values.mean().item() for name, values in scores.items()}
 
 
 def _read_metadata(folder: Path) -> List[dict]:
@@ -107,32 +95,28 @@ def _read_metadata(folder: Path) -> List[dict]:
     return [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
 
 
-def fit_few_shot_head(z_n: torch.Tensor, labels: torch.Tensor, steps: int = 300, weight_decay: float = 1e-3):
-    """Logistic regression on normalised z_sem from a few labelled examples (paper §5.6), balanced classes."""
-    w = torch.zeros(z_n.shape[1], requires_grad=True)
-    b = torch.zeros((), requires_grad=True)
-    optimizer = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
-    pos_weight = (labels == 0).sum() / labels.sum().clamp_min(1)
-
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(z_n @ w + b, labels, pos_weight=pos_weight)
-        loss = loss + weight_decay * w.square().sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return w.detach(), b.detach()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # demo
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_demo(args) -> int:
+def few_shot_head(pipe, z_sem: torch.Tensor, labels: torch.Tensor, attribute: str):
+    """A one-head `AttributeClassifier` for `attribute`: logistic regression on the normalised z_sem (N, D) of a
+    few examples with 0/1 `labels` (N,), classes balanced (paper §5.6)."""
+    from .evaluation import metrics
     from .models import AttributeClassifier
 
+    stats = pipe.latent_denoiser
+    z_n = stats.normalize_z_sem(z_sem.float())
+    options = {"max_iter": 300, "standardize": False, "class_balanced": True, "dtype": torch.float32}
+    w, b, _, _ = metrics.fit_logistic_probe(z_n, labels, **options)
+    head = AttributeClassifier(num_channels=w.numel(), attribute_names=[attribute], attribute_types=["binary"])
+    head.linear.weight.data[0], head.linear.bias.data[0] = w, b
+    head.set_z_sem_statistics(stats.z_sem_mean, stats.z_sem_std)
+    return head
+
+
+def run_demo(args) -> int:
     start = time.time()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,9 +141,9 @@ def run_demo(args) -> int:
     numbers["reconstruction (inverted x_T)"] = reconstruction_metrics(full, x)
     numbers["z_sem only (random x_T)"] = reconstruction_metrics(semantic, x)
     shown = min(n, 12)
-    rows = [to_pil(x[:shown]), to_pil(semantic[:shown]), to_pil(full[:shown])]
-    grid(rows).save(out / "reconstructions.png")
-    sections.append(("Reconstructions", "reconstructions.png", "Rows: input | z_sem only with random x_T | full reconstruction (inverted x_T)."))
+    save_grid([x[:shown], semantic[:shown], full[:shown]], out / "reconstructions.png")
+    caption = "Rows: input | z_sem only with random x_T | full reconstruction (inverted x_T)."
+    sections.append(("Reconstructions", "reconstructions.png", caption))
 
     print("[3/6] interpolating and stochastic variations")
     pairs = [(i, (i + n // 2) % n) for i in range(min(4, n // 2))]
@@ -167,16 +151,17 @@ def run_demo(args) -> int:
     for i, j in pairs:
         a = type(latents)(latents.z_sem[i : i + 1], latents.x_T[i : i + 1])
         b = type(latents)(latents.z_sem[j : j + 1], latents.x_T[j : j + 1])
-        rows.append(to_pil(pipe.interpolate(a, b, num_frames=8, num_inference_steps=steps, output_type="pt").images))
-    grid(rows).save(out / "interpolations.png")
+        rows.append(pipe.interpolate(a, b, num_frames=8, num_inference_steps=steps, output_type="pt").images)
+    save_grid(rows, out / "interpolations.png")
     sections.append(("Interpolations", "interpolations.png", "lerp on z_sem, slerp on x_T (paper §5.2)."))
     # Variations and each edit grid are decoded as one batch: on 2 CPU cores a batch of 24-30 runs about 20 % more
     # images per second than one call per input (5-8 images).
     shown_var = min(4, n)
     z = latents.z_sem[:shown_var].repeat_interleave(6, dim=0)
     varied = pipe.decode(z, None, steps, generator=generator, output_type="pt").images
-    grid(rows_per_input(x[:shown_var], varied)).save(out / "variations.png")
-    sections.append(("Stochastic variations", "variations.png", "Input, then the same z_sem decoded from six random x_T (paper Fig. 3)."))
+    save_grid(rows_per_input(x[:shown_var], varied), out / "variations.png")
+    caption = "Input, then the same z_sem decoded from six random x_T (paper Fig. 3)."
+    sections.append(("Stochastic variations", "variations.png", caption))
 
     print("[4/6] editing attributes")
     if pipe.classifier is not None:
@@ -185,42 +170,46 @@ def run_demo(args) -> int:
             if attribute not in pipe.classifier.attribute_names:
                 continue
             shown_edit, k = min(6, n), len(strengths)
-            batch = type(latents)(latents.z_sem[:shown_edit].repeat_interleave(k, dim=0), latents.x_T[:shown_edit].repeat_interleave(k, dim=0))
-            strength = torch.tensor(strengths).repeat(shown_edit)  # (shown_edit * k,): image i gets strengths[j] at i * k + j
-            edited = pipe.edit(batch, attribute=attribute, strength=strength, num_inference_steps=steps, output_type="pt").images
+            batch = type(latents)(
+                latents.z_sem[:shown_edit].repeat_interleave(k, dim=0),
+                latents.x_T[:shown_edit].repeat_interleave(k, dim=0),
+            )
+            strength = torch.tensor(strengths).repeat(shown_edit)  # image i gets strengths[j] at i * k + j
+            options = {"num_inference_steps": steps, "output_type": "pt"}
+            edited = pipe.edit(batch, attribute=attribute, strength=strength, **options).images
             name = f"edit_{attribute}.png"
-            grid(rows_per_input(x[:shown_edit], edited)).save(out / name)
-            sections.append((f"Edit: {attribute}", name, f"Input, then strength {strengths} along the classifier direction; x_T kept."))
+            save_grid(rows_per_input(x[:shown_edit], edited), out / name)
+            caption = f"Input, then strength {strengths} along the classifier direction; x_T kept."
+            sections.append((f"Edit: {attribute}", name, caption))
     else:
         print("      (the model has no classifier: skipped)")
 
     print("[5/6] sampling unconditionally")
     if pipe.latent_denoiser is not None:
-        uncond = pipe(batch_size=16, num_inference_steps=steps, latent_num_inference_steps=steps, generator=generator, output_type="pt").images
-        grid([to_pil(uncond[:8]), to_pil(uncond[8:])]).save(out / "samples.png")
-        sections.append(("Unconditional samples", "samples.png", "Latent DDIM on normalised z_sem, then the decoder (paper §4)."))
+        sampler = {"num_inference_steps": steps, "latent_num_inference_steps": steps, "generator": generator}
+        uncond = pipe(batch_size=16, output_type="pt", **sampler).images
+        save_grid([uncond[:8], uncond[8:]], out / "samples.png")
+        caption = "Latent DDIM on normalised z_sem, then the decoder (paper §4)."
+        sections.append(("Unconditional samples", "samples.png", caption))
 
         print("[6/6] few-shot conditional sampling")
         attribute = args.few_shot_attribute
         labels = torch.tensor([float(bool(m.get(attribute, 0))) for m in meta]) if attribute else None
         if labels is not None and 0 < labels.sum() < len(labels):
-            stats = pipe.latent_denoiser
-            w, b = fit_few_shot_head(stats.normalize_z_sem(latents.z_sem.float()), labels)
-            head = AttributeClassifier(num_channels=w.numel(), attribute_names=[attribute], attribute_types=["binary"])
-            head.linear.weight.data[0], head.linear.bias.data[0] = w, b
-            head.set_z_sem_statistics(stats.z_sem_mean, stats.z_sem_std)
-            full_classifier, pipe.classifier = pipe.classifier, head
+            full_classifier, pipe.classifier = pipe.classifier, few_shot_head(pipe, latents.z_sem, labels, attribute)
             try:
-                cond = pipe(batch_size=8, num_inference_steps=steps, latent_num_inference_steps=steps, attribute=attribute, generator=generator, output_type="pt").images
+                cond = pipe(batch_size=8, attribute=attribute, output_type="pt", **sampler).images
             except ValueError as e:
                 cond = None
                 print(f"      few-shot sampling failed: {e}")
             finally:
                 pipe.classifier = full_classifier
             if cond is not None:
-                grid([to_pil(cond)]).save(out / "few_shot_samples.png")
+                save_grid([cond], out / "few_shot_samples.png")
                 k = int(labels.sum())
-                sections.append((f"Few-shot conditional samples: {attribute}", "few_shot_samples.png", f"A linear head fitted on {k} positive and {len(labels) - k} negative examples, then rejection sampling (paper §5.6)."))
+                caption = f"A linear head fitted on {k} positive and {len(labels) - k} negative examples, then "
+                caption += "rejection sampling (paper §5.6)."
+                sections.append((f"Few-shot conditional samples: {attribute}", "few_shot_samples.png", caption))
         else:
             print("      (no labelled attribute in the samples' metadata: skipped)")
     else:
@@ -310,7 +299,9 @@ def run_interpolate(args) -> int:
         raise SystemExit("error: interpolate takes exactly two --images")
     pipe = load_pipeline(args.model)
     a, b = load_images(args.images)
-    frames = pipe.interpolate(a, b, num_frames=args.frames, num_inference_steps=args.steps, encode_num_inference_steps=args.steps).images
+    frames = pipe.interpolate(
+        a, b, num_frames=args.frames, num_inference_steps=args.steps, encode_num_inference_steps=args.steps
+    ).images
     return _save_all(frames, args.output, "frame")
 
 
@@ -382,7 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p = sub.add_parser("convert", help="convert an official checkpoint (see python -m diffusers_diffae.convert -h)")
     p.set_defaults(func=None)
-    p = sub.add_parser("evaluate", help="the paper's measurements on a pipeline and a dataset (see diffae evaluate -h)")
+    p = sub.add_parser(
+        "evaluate", help="the paper's measurements on a pipeline and a dataset (see diffae evaluate -h)"
+    )
     p.set_defaults(func=None)
     return parser
 

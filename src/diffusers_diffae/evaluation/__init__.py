@@ -1,10 +1,13 @@
 """Evaluation of Diffusion Autoencoders: metrics, offline feature networks and the evaluation command.
 
-`python -m diffusers_diffae.evaluation --help` runs the suite (see `suite.py`).
+`python -m diffusers_diffae.evaluation --help` runs the suite (see `suite.py`): one module per section of the
+paper's measurements (`reconstruction`, `representation`, `interpolation`, `manipulation`, `sampling`, `latent`)
+over the shared codes of `context.Evaluation`; the numbers come from `metrics` and `fid`, the files from `report`.
 """
 
 from .fid import InceptionFeatures, LPIPSDistance, MetricUnavailable, inception_status, lpips_status
 from .metrics import (
+    as_binary_labels,
     auroc,
     fid_from_features,
     fit_logistic_probe,
@@ -16,17 +19,17 @@ from .metrics import (
     pixel_change,
     probe_scores,
     psnr,
+    reconstruction_scores,
     ssim,
 )
-from .sampling import ddim_decode, ddim_invert
+
 
 __all__ = [
     "InceptionFeatures",
     "LPIPSDistance",
     "MetricUnavailable",
+    "as_binary_labels",
     "auroc",
-    "ddim_decode",
-    "ddim_invert",
     "fid_from_features",
     "fit_logistic_probe",
     "frechet_distance",
@@ -39,5 +42,6 @@ __all__ = [
     "pixel_change",
     "probe_scores",
     "psnr",
+    "reconstruction_scores",
     "ssim",
 ]

@@ -2,4 +2,5 @@
 
 from .suite import main
 
+
 raise SystemExit(main())

@@ -8,11 +8,22 @@ manipulation quality (Appendix G) -> `pixel_change`.
 Images are `(B, C, H, W)` tensors in [0, 1] unless stated otherwise; per-image functions return `(B,)`.
 """
 
-from typing import Optional, Sequence, Tuple
+import importlib
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+def _optional(module: str, metric: str, package: str):
+    """Imports an optional dependency of the `metrics` extra, or says which package the metric needs."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(
+            f"{metric} needs the {package} package: pip install 'diffusers-diffae[metrics]' (or {package})"
+        ) from e
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -59,17 +70,11 @@ def ssim(
       `padding=win // 2`, so the window also visits border pixels with zeros outside the image, and the map is
       averaged over all H x W positions. Padding both images with zeros and taking the valid map is the same
       computation, which lets pytorch-msssim do it. The zeros give both images a large local variance and covariance
-      at the borders, which pushes SSIM there toward 1: the smaller the image, the higher the score (the bundled
-      32 px model's T=20 reconstructions of 192 test images: 0.923 without, 0.956 with). Compare with the paper's
-      numbers only with `zero_padding=True`.
+      at the borders, which pushes SSIM there toward 1: the smaller the image, the higher the score
+      (`docs/results/` reports both). Compare with the paper's numbers only with `zero_padding=True`.
     """
     _check_pair(x, y)
-    try:
-        from pytorch_msssim import ssim as _ssim
-    except ImportError as e:
-        raise ImportError(
-            "SSIM needs the pytorch-msssim package: pip install 'diffusers-diffae[metrics]' (or pytorch-msssim)"
-        ) from e
+    _ssim = _optional("pytorch_msssim", "SSIM", "pytorch-msssim").ssim
     if win_size % 2 == 0 or win_size < 3:
         raise ValueError(f"win_size must be an odd number >= 3, got {win_size}")
     x, y = x.float(), y.float()
@@ -95,12 +100,27 @@ def pixel_change(
     return delta.flatten(1).mean(1), changed
 
 
+def reconstruction_scores(
+    pred: torch.Tensor, target: torch.Tensor, ssim_win_size: int = 11
+) -> Dict[str, torch.Tensor]:
+    """The reconstruction metrics of one batch, per image: pred, target (B, C, H, W) in [0, 1] -> {"mse", "psnr",
+    "ssim" (a `ssim_win_size` window inside the image), "ssim_official" (zero-padded 11x11, the paper's
+    protocol)}, each (B,). Raises ImportError without pytorch-msssim."""
+    return {
+        "mse": mse(pred, target),
+        "psnr": psnr(pred, target),
+        "ssim": ssim(pred, target, win_size=ssim_win_size),
+        "ssim_official": ssim(pred, target, zero_padding=True),
+    }
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Representation quality (Appendix E)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _as_binary_labels(labels, name: str = "labels") -> np.ndarray:
+def as_binary_labels(labels, name: str = "labels") -> np.ndarray:
+    """Binary labels (N,) as int64 0/1: booleans and 0/1 numbers pass, anything else is a ValueError."""
     y = np.asarray(labels)
     if y.ndim != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {y.shape}")
@@ -113,27 +133,13 @@ def _as_binary_labels(labels, name: str = "labels") -> np.ndarray:
     return y.astype(np.int64)
 
 
-def average_ranks(values) -> np.ndarray:
-    """1-based ranks with ties given their average rank (the `rankdata(method="average")` convention)."""
-    v = np.asarray(values, dtype=np.float64)
-    order = np.argsort(v, kind="mergesort")
-    sorted_v = v[order]
-    ranks = np.empty(len(v), dtype=np.float64)
-    # Each run of equal values shares the mean of the positions it occupies.
-    starts = np.flatnonzero(np.r_[True, sorted_v[1:] != sorted_v[:-1]])
-    ends = np.r_[starts[1:], len(v)]
-    for s, e in zip(starts, ends):
-        ranks[order[s:e]] = (s + 1 + e) / 2.0
-    return ranks
-
-
 def auroc(scores, labels) -> float:
     """Area under the ROC curve from the Mann-Whitney U statistic; ties count one half.
 
     `AUROC = (sum of positive ranks - P (P + 1) / 2) / (P N)`: the probability that a random positive scores
     higher than a random negative. scores: (N,), labels: (N,) binary.
     """
-    y = _as_binary_labels(labels)
+    y = as_binary_labels(labels)
     s = np.asarray(scores, dtype=np.float64)
     if s.shape != y.shape:
         raise ValueError(f"scores and labels differ in length: {s.shape} vs {y.shape}")
@@ -142,32 +148,47 @@ def auroc(scores, labels) -> float:
     n_pos, n_neg = int(y.sum()), int((1 - y).sum())
     if n_pos == 0 or n_neg == 0:
         raise ValueError(f"AUROC needs both classes, got {n_pos} positives and {n_neg} negatives")
-    ranks = average_ranks(s)
+    ranks = _optional("scipy.stats", "AUROC", "scipy").rankdata(s)  # 1-based; ties share their average rank
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def fit_logistic_probe(
-    features: torch.Tensor, labels, l2: float = 1e-3, max_iter: int = 200
+    features: torch.Tensor,
+    labels,
+    l2: float = 1e-3,
+    max_iter: int = 200,
+    standardize: bool = True,
+    class_balanced: bool = False,
+    dtype: torch.dtype = torch.float64,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fits a linear classifier (logistic regression) on z-normalised features, as the paper's probes (Appendix E).
+    """Fits a linear classifier (logistic regression) on features (N, D), as the paper's probes (Appendix E) and
+    its few-shot heads on normalised z_sem (§5.6).
 
-    Minimises mean BCE + `l2 * |w|^2` with L-BFGS in float64; the penalty keeps the optimum finite when the
-    classes are separable (always the case when D >= N, e.g. for x_T or pixels).
-    features: (N, D). Returns `(w (D,), b (), mean (D,), std (D,))`; the score of `f` is `((f - mean) / std) @ w + b`.
+    Minimises mean BCE + `l2 * |w|^2` with L-BFGS in `dtype`; the penalty keeps the optimum finite when the classes
+    are separable (always the case when D >= N, e.g. for x_T or pixels). `standardize` z-normalises each feature
+    with the training mean and std first; `class_balanced` weighs the positives by `negatives / positives`.
+    Returns `(w (D,), b (), mean (D,), std (D,))`; the score of `f` is `((f - mean) / std) @ w + b` (mean 0 and
+    std 1 without `standardize`).
     """
-    y = torch.as_tensor(_as_binary_labels(labels), dtype=torch.float64)
-    x = torch.as_tensor(features).reshape(len(y), -1).double()
+    # scikit-learn's LogisticRegression minimises the same loss but stops elsewhere: its probe AUROCs differ from
+    # these (measured on the bundled emoji, e.g. 0.697 vs 0.694), which would move every documented probe number.
+    y = torch.as_tensor(as_binary_labels(labels), dtype=dtype)
+    x = torch.as_tensor(features).reshape(len(y), -1).to(dtype)
     if x.shape[0] < 2:
         raise ValueError("a linear probe needs at least 2 training examples")
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    xn = (x - mean) / std
-    w = torch.zeros(xn.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    if standardize:
+        mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+        x = (x - mean) / std
+    else:
+        mean, std = x.new_zeros(x.shape[1]), x.new_ones(x.shape[1])
+    pos_weight = (y == 0).sum() / y.sum().clamp_min(1) if class_balanced else None
+    w = torch.zeros(x.shape[1], dtype=dtype, requires_grad=True)
+    b = torch.zeros((), dtype=dtype, requires_grad=True)
     optimizer = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(xn @ w + b, y) + l2 * w.pow(2).sum()
+        loss = F.binary_cross_entropy_with_logits(x @ w + b, y, pos_weight=pos_weight) + l2 * w.pow(2).sum()
         loss.backward()
         return loss
 
@@ -177,9 +198,9 @@ def fit_logistic_probe(
 
 
 def probe_scores(features: torch.Tensor, probe) -> torch.Tensor:
-    """Logits of a probe from `fit_logistic_probe` on features (N, ...). Returns (N,)."""
+    """Logits (N,) of a probe from `fit_logistic_probe` on features (N, ...), in the probe's dtype."""
     w, b, mean, std = probe
-    x = torch.as_tensor(features).reshape(features.shape[0], -1).double()
+    x = torch.as_tensor(features).reshape(features.shape[0], -1).to(w.dtype)
     return ((x - mean) / std) @ w + b
 
 
@@ -209,7 +230,7 @@ def linear_probe_scores(
     sees both classes whenever each class has at least `num_folds` members. With `groups` (N,), whole groups are
     dealt instead (see `_group_folds`), for data with near-copies of one example.
     """
-    y = _as_binary_labels(labels)
+    y = as_binary_labels(labels)
     n = len(y)
     if num_folds < 2:
         raise ValueError(f"num_folds must be >= 2, got {num_folds}")
