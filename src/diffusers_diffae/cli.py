@@ -70,7 +70,8 @@ def save_grid(rows: Sequence[torch.Tensor], path: Path) -> None:
 
 
 def rows_per_input(inputs: torch.Tensor, outputs: torch.Tensor) -> List[torch.Tensor]:
-    """Grid rows: each input (N, 3, H, W), then its N_out / N consecutive outputs (image i owns rows i*k ... i*k+k-1)."""
+    """Grid rows: each input of (N, C, H, W), then its k = N_out / N consecutive outputs (input i owns outputs
+    i*k ... i*k+k-1)."""
     k = outputs.shape[0] // inputs.shape[0]
     return [torch.cat([inputs[i : i + 1], outputs[i * k : (i + 1) * k]]) for i in range(inputs.shape[0])]
 

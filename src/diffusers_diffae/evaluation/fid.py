@@ -79,7 +79,7 @@ class InceptionFeatures:
 
     Args:
         device: where the network runs.
-        batch_size (`int`): images per forward pass (299x299 inputs; about 7 images/s on 2 CPU cores).
+        batch_size (`int`): images per forward pass (each resized to 299x299).
         verify_checksum (`bool`): check the file's SHA-1 against the published value before loading it.
     """
 

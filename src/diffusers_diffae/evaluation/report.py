@@ -237,8 +237,8 @@ def markdown(results: Dict, title: str, plot_name: Optional[str], grid_name: Opt
     lines = [
         f"# {title}",
         "",
-        f"Pipeline `{results.get('pipeline')}`; baseline `{results.get('baseline')}`; dataset `{results.get('dataset')}` "
-        f"(split `{results.get('split')}`{subset}), {results.get('resolution')} px. Seed {results.get('seed')}. "
+        f"Pipeline `{results.get('pipeline')}`; baseline `{results.get('baseline')}`; "
+        f"dataset `{results.get('dataset')}` (split `{results.get('split')}`{subset}), {results.get('resolution')} px. Seed {results.get('seed')}. "
         f"torch {env.get('torch')}, {env.get('cpu')}, {env.get('threads')} threads; {results.get('runtime_s')} s.",
         "",
     ]

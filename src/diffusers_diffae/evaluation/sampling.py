@@ -134,7 +134,8 @@ def claims(results: Dict) -> List[Dict]:
         if "fid_conditional" in entry:
             out.append(
                 claim(
-                    f"Conditional sampling of {attribute!r} is closer to the real positives than unconditional sampling",
+                    f"Conditional sampling of {attribute!r} is closer to the real positives than unconditional "
+                    "sampling",
                     "§5.6, Table 3 (Ours vs Naive)",
                     entry["fid_conditional"] < entry["fid_unconditional"],
                     f"FID {entry['fid_conditional']:.1f} vs {entry['fid_unconditional']:.1f}",
