@@ -1,7 +1,7 @@
-"""Tests of `training/prepare_emoji_dataset.py` on a tiny generated stand-in for the npm packages (no network)."""
+"""Tests of `training/prepare_emoji_dataset.py` and its `_emoji_*` modules on a tiny generated stand-in for the
+npm packages (no network)."""
 
 import hashlib
-import importlib.util
 import io
 import json
 import sys
@@ -14,18 +14,11 @@ from PIL import Image
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "training" / "prepare_emoji_dataset.py"
+sys.path.insert(0, str(REPO_ROOT / "training"))
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("prepare_emoji_dataset", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-prep = load_script()
+import _emoji_sources  # noqa: E402
+import prepare_emoji_dataset as prep  # noqa: E402
+from _emoji_attributes import emoji_attributes  # noqa: E402
 
 
 # (unified, name, category, subcategory, {variation key: variation unified})
@@ -54,7 +47,10 @@ FAKE_EMOJI = [
     ("1F44D", "THUMBS UP SIGN", "People & Body", "hand-fingers-closed", {"1F3FF": "1F44D-1F3FF"}),
     ("1F1EB-1F1F7", "France Flag", "Flags", "country-flag", {}),
     ("1F46E", "POLICE OFFICER", "People & Body", "person-role", {}),
-    ("1F46E-200D-2640-FE0F", "WOMAN POLICE OFFICER", "People & Body", "person-role", {"1F3FD": "1F46E-1F3FD-200D-2640-FE0F"}),
+    (
+        "1F46E-200D-2640-FE0F", "WOMAN POLICE OFFICER", "People & Body", "person-role",
+        {"1F3FD": "1F46E-1F3FD-200D-2640-FE0F"},
+    ),
     ("1F4A9", "PILE OF POO", "Smileys & Emotion", "face-costume", {}),  # no Google image in this stand-in
 ]  # fmt: skip
 NO_GOOGLE_IMAGE = "1F4A9"
@@ -73,6 +69,10 @@ def sprite(index: int, mode: str) -> Image.Image:
         return image
     image = Image.fromarray(rgba, "RGBA")
     return image.convert("LA") if mode == "LA" else image
+
+
+def pick(row: dict, *keys: str) -> tuple:
+    return tuple(row[key] for key in keys)
 
 
 def make_fake_source(root: Path) -> Path:
@@ -130,29 +130,29 @@ def built(fake_source, tmp_path_factory):
 
 
 def test_attributes_from_code_points():
-    attributes = prep.emoji_attributes("1F468-1F3FF-200D-1F9B0", "person")
-    assert (attributes["skin_tone"], attributes["gender"], attributes["hair"], attributes["age"]) == (5, "man", "red", "adult")
+    attributes = emoji_attributes("1F468-1F3FF-200D-1F9B0", "person")
+    assert pick(attributes, "skin_tone", "gender", "hair", "age") == (5, "man", "red", "adult")
     assert attributes["dark_skin"] and attributes["hair_red"] and attributes["is_man"] and not attributes["light_skin"]
 
-    couple = prep.emoji_attributes("1F469-1F3FB-200D-2764-FE0F-200D-1F468-1F3FF", "family")
+    couple = emoji_attributes("1F469-1F3FB-200D-2764-FE0F-200D-1F468-1F3FF", "family")
     assert (couple["skin_tone"], couple["skin_tone_2"], couple["mixed_skin_tone"]) == (1, 5, True)
     assert (couple["gender"], couple["num_people"]) == ("mixed", 2)
 
     # One modifier on a two-person character colours both people.
-    same = prep.emoji_attributes("1F46B-1F3FD", "family")
+    same = emoji_attributes("1F46B-1F3FD", "family")
     assert (same["skin_tone"], same["skin_tone_2"], same["mixed_skin_tone"], same["num_people"]) == (3, 3, False, 2)
 
-    assert prep.emoji_attributes("1F46E", "person-role")["gender"] == "person"
-    assert prep.emoji_attributes("1F46E-200D-2640-FE0F", "person-role")["gender"] == "woman"
-    assert prep.emoji_attributes("1F9D4-200D-2642-FE0F", "person")["hair"] == "beard"
-    assert prep.emoji_attributes("1F471-200D-2640-FE0F", "person")["hair_blond"]
-    family = prep.emoji_attributes("1F468-200D-1F469-200D-1F467", "family")
+    assert emoji_attributes("1F46E", "person-role")["gender"] == "person"
+    assert emoji_attributes("1F46E-200D-2640-FE0F", "person-role")["gender"] == "woman"
+    assert emoji_attributes("1F9D4-200D-2642-FE0F", "person")["hair"] == "beard"
+    assert emoji_attributes("1F471-200D-2640-FE0F", "person")["hair_blond"]
+    family = emoji_attributes("1F468-200D-1F469-200D-1F467", "family")
     assert (family["num_people"], family["gender"], family["age"]) == (3, "mixed", "mixed")
-    assert prep.emoji_attributes("1F474", "person")["is_older"]
-    assert prep.emoji_attributes("1F476", "person")["is_child_or_baby"]
-    hand = prep.emoji_attributes("1F44D-1F3FF", "hand-fingers-closed")
+    assert emoji_attributes("1F474", "person")["is_older"]
+    assert emoji_attributes("1F476", "person")["is_child_or_baby"]
+    hand = emoji_attributes("1F44D-1F3FF", "hand-fingers-closed")
     assert (hand["is_person"], hand["skin_tone"], hand["has_skin_tone"], hand["gender"]) == (False, 5, True, "none")
-    flag = prep.emoji_attributes("1F1EB-1F1F7", "country-flag")
+    flag = emoji_attributes("1F1EB-1F1F7", "country-flag")
     assert (flag["num_people"], flag["skin_tone"], flag["has_skin_tone"], flag["hair"]) == (0, 0, False, "none")
 
 
@@ -167,15 +167,15 @@ def test_columns_and_known_rows(built):
     red = rows[("twitter", "1F468-1F3FF-200D-1F9B0")]
     assert red["base_unified"] == "1F468-200D-1F9B0"
     assert red["name"] == "MAN: RED HAIR (dark skin tone)"
-    assert (red["skin_tone"], red["gender"], red["hair"], red["hair_red"], red["is_person"]) == (5, "man", "red", True, True)
+    assert pick(red, "skin_tone", "gender", "hair", "hair_red", "is_person") == (5, "man", "red", True, True)
     couple = rows[("google", "1F469-1F3FB-200D-2764-FE0F-200D-1F468-1F3FF")]
     assert (couple["skin_tone"], couple["skin_tone_2"], couple["gender"], couple["num_people"]) == (1, 5, "mixed", 2)
     assert couple["base_unified"] == "1F469-200D-2764-FE0F-200D-1F468"
     # The two-tone form of U+1F46B is a ZWJ sequence; it still groups with its base entry.
     hands = rows[("google", "1F469-1F3FB-200D-1F91D-200D-1F468-1F3FE")]
-    assert (hands["base_unified"], hands["gender"], hands["skin_tone"], hands["skin_tone_2"]) == ("1F46B", "mixed", 1, 4)
+    assert pick(hands, "base_unified", "gender", "skin_tone", "skin_tone_2") == ("1F46B", "mixed", 1, 4)
     plain = rows[("google", "1F468-200D-1F9B0")]
-    assert (plain["skin_tone"], plain["has_skin_tone"], plain["dark_skin"], plain["light_skin"]) == (0, False, False, False)
+    assert pick(plain, "skin_tone", "has_skin_tone", "dark_skin", "light_skin") == (0, False, False, False)
     assert rows[("google", "1F46E-1F3FD-200D-2640-FE0F")]["is_woman"]
 
     card = (output_dir / "README.md").read_text()
@@ -186,7 +186,13 @@ def test_columns_and_known_rows(built):
 def test_images_composited_on_white(built):
     _, _, rows = built
     # RGBA, LA (grey + alpha) and palette-with-transparency sprites.
-    for key in [("google", "1F468-200D-1F9B0"), ("twitter", "1F44D-1F3FF"), ("google", "1F600"), ("twitter", "1F1EB-1F1F7")]:
+    sprites = [
+        ("google", "1F468-200D-1F9B0"),
+        ("twitter", "1F44D-1F3FF"),
+        ("google", "1F600"),
+        ("twitter", "1F1EB-1F1F7"),
+    ]
+    for key in sprites:
         image = rows[key]["image"]
         assert image.mode == "RGB" and image.size == (64, 64)
         pixels = np.asarray(image).astype(int)
@@ -286,15 +292,15 @@ def test_safe_extraction(fake_source, tmp_path):
         "package/img/google/32/1f600.png": png,  # other sizes and sheets are not extracted
         "package/README.md": b"readme",
     })  # fmt: skip
-    root = prep.extract_package(good, tmp_path / "extracted", "google")
+    root = _emoji_sources.extract_package(good, tmp_path / "extracted", "google")
     extracted = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name[0] != ".")
     assert extracted == ["emoji.json", "img/google/64/1f600.png"]
 
     for bad_name in ("../evil.png", "/tmp/evil.png", "package/img/google/64/../../../../evil.png"):
         bad = _tarball(tmp_path / "bad.tgz", {"package/emoji.json": b"[]", bad_name: png})
         with pytest.raises(ValueError, match="unsafe path"):
-            prep.extract_package(bad, tmp_path / "bad_out", "google")
+            _emoji_sources.extract_package(bad, tmp_path / "bad_out", "google")
         assert not (tmp_path / "evil.png").exists()
 
     with pytest.raises(ValueError, match="sha1 mismatch"):
-        prep.verify_sha1(good, "0" * 40)
+        _emoji_sources.verify_sha1(good, "0" * 40)

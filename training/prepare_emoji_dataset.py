@@ -23,313 +23,21 @@ import json
 import logging
 import shutil
 import string
-import subprocess
 import sys
-import tarfile
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
+from _emoji_attributes import HAIR_TYPES, SKIN_TONE_NAMES, SKIN_TONES, emoji_attributes
+from _emoji_sources import PACKAGES, SPRITE_SIZE, download_package, extract_package, find_package_root
 from PIL import Image
 
 
 logger = logging.getLogger("prepare_emoji_dataset")
 
 CARD_TEMPLATE = Path(__file__).resolve().with_name("emoji_dataset_card.md")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Sources
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EmojiPackage:
-    vendor: str
-    npm_name: str
-    version: str
-    sha1: str
-    image_source: str
-    image_license: str
-    attribution: str
-
-
-PACKAGES: Dict[str, EmojiPackage] = {
-    "google": EmojiPackage(
-        vendor="google",
-        npm_name="emoji-datasource-google",
-        version="16.0.0",
-        sha1="a80ac3e8106cbd4d8648ce758aa099e8827b6157",
-        image_source="Noto Emoji v2.048 (https://github.com/googlefonts/noto-emoji)",
-        image_license="Apache-2.0",
-        attribution="Noto Emoji by Google (Apache License 2.0)",
-    ),
-    "twitter": EmojiPackage(
-        vendor="twitter",
-        npm_name="emoji-datasource-twitter",
-        version="16.0.0",
-        sha1="e2bd39a8acb77e158106f8249dd7b4cd93fa1b14",
-        image_source="Twemoji v16.0.1, jdecked fork (https://github.com/jdecked/twemoji)",
-        image_license="CC-BY-4.0",
-        attribution="Twemoji by X Corp. and contributors (CC-BY-4.0)",
-    ),
-}
-SPRITE_SIZE = 64
-
-
-def tarball_name(package: EmojiPackage) -> str:
-    return f"{package.npm_name}-{package.version}.tgz"
-
-
-def file_sha1(path: Path) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_sha1(path: Path, expected: str) -> None:
-    """Raise `ValueError` when the file's sha1 differs from the npm registry's `shasum`."""
-    actual = file_sha1(path)
-    if actual != expected:
-        raise ValueError(
-            f"sha1 mismatch for {path}: expected {expected} (npm registry shasum), got {actual}. "
-            "The file is corrupt or not the pinned release; delete it and run again to re-download."
-        )
-
-
-def download_package(package: EmojiPackage, download_dir: Path, npm: str = "npm") -> Path:
-    """Fetch the package tarball with `npm pack` unless a copy with the right sha1 is already there."""
-    download_dir.mkdir(parents=True, exist_ok=True)
-    tarball = download_dir / tarball_name(package)
-    if tarball.is_file():
-        # An existing file that fails the check is an error, not a silent re-download: it may be someone's edit.
-        verify_sha1(tarball, package.sha1)
-        logger.info("using cached %s (sha1 ok)", tarball)
-        return tarball
-    command = [npm, "pack", f"{package.npm_name}@{package.version}", "--ignore-scripts", "--pack-destination", "."]
-    logger.info("downloading %s@%s with: %s", package.npm_name, package.version, " ".join(command))
-    try:
-        subprocess.run(command, cwd=download_dir, check=True, stdout=subprocess.PIPE)
-    except FileNotFoundError as error:
-        raise RuntimeError(
-            f"`{npm}` was not found. Install npm, or pass --source_dir with already-extracted packages."
-        ) from error
-    except subprocess.CalledProcessError as error:
-        raise RuntimeError(f"`{' '.join(command)}` failed with exit status {error.returncode}") from error
-    if not tarball.is_file():
-        raise FileNotFoundError(f"`npm pack` finished but {tarball} does not exist")
-    verify_sha1(tarball, package.sha1)
-    return tarball
-
-
-def _wanted_member(name: str, vendor: str) -> Optional[str]:
-    """Path inside the package root for the members we keep (`emoji.json` and 64 px sprites), else None."""
-    if name == "package/emoji.json":
-        return "emoji.json"
-    prefix = f"package/img/{vendor}/{SPRITE_SIZE}/"
-    if name.startswith(prefix) and name.endswith(".png") and "/" not in name[len(prefix) :]:
-        return name[len("package/") :]
-    return None
-
-
-def _check_member_path(name: str) -> None:
-    parts = name.replace("\\", "/").split("/")
-    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in parts:
-        raise ValueError(f"refusing to extract unsafe path {name!r} from the tarball")
-
-
-def extract_package(tarball: Path, package_root: Path, vendor: str, expected_sha1: Optional[str] = None) -> Path:
-    """Extract `emoji.json` and `img/<vendor>/64/*.png` from an npm tarball into `package_root`.
-
-    Every member name is checked (no absolute paths, no `..`), and only regular files are written, so a crafted
-    tarball cannot write outside `package_root`. A marker file with the tarball's sha1 makes re-runs skip this.
-    """
-    sha1 = expected_sha1 or file_sha1(tarball)
-    marker = package_root / f".extracted-{sha1}"
-    if marker.is_file():
-        return package_root
-    if package_root.exists():
-        shutil.rmtree(package_root)
-    staging = package_root.with_name(package_root.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    num_images = 0
-    with tarfile.open(tarball, mode="r:gz") as archive:
-        for member in archive:
-            _check_member_path(member.name)
-            relative = _wanted_member(member.name, vendor)
-            if relative is None:
-                continue
-            if not member.isfile():
-                raise ValueError(f"refusing to extract {member.name!r}: not a regular file (type {member.type!r})")
-            target = staging / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with archive.extractfile(member) as source, open(target, "wb") as destination:
-                shutil.copyfileobj(source, destination)
-            num_images += relative.endswith(".png")
-    if not (staging / "emoji.json").is_file():
-        raise FileNotFoundError(f"{tarball} has no package/emoji.json; is it an emoji-datasource package?")
-    staging.rename(package_root)
-    marker.write_text(f"{tarball.name}\n")
-    logger.info("extracted emoji.json and %d sprites of %s into %s", num_images, vendor, package_root)
-    return package_root
-
-
-def find_package_root(source_dir: Path, vendor: str) -> Path:
-    """The extracted package of one vendor: `<source_dir>/emoji-datasource-<vendor>[/package]`."""
-    base = source_dir / PACKAGES[vendor].npm_name
-    for candidate in (base, base / "package"):
-        if (candidate / "emoji.json").is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"emoji.json for vendor {vendor!r} not found: expected {base / 'emoji.json'} "
-        f"(or {base / 'package' / 'emoji.json'}) with sprites under img/{vendor}/{SPRITE_SIZE}/"
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Attributes from code points and names
-# ----------------------------------------------------------------------------------------------------------------
-
-# Fitzpatrick modifiers U+1F3FB..1F3FF: 1 = light (type 1-2) ... 5 = dark (type 6); 0 means no modifier.
-SKIN_TONES = {"1F3FB": 1, "1F3FC": 2, "1F3FD": 3, "1F3FE": 4, "1F3FF": 5}
-SKIN_TONE_NAMES = {0: "none", 1: "light", 2: "medium-light", 3: "medium", 4: "medium-dark", 5: "dark"}
-FEMALE_SIGN, MALE_SIGN = "2640", "2642"
-JOINERS = {"200D", "FE0F", "FE0E"}
-
-# Code points that are people, with the gender and age they show. Boys and girls count as man and woman.
-PERSON_CODEPOINTS = {
-    "1F468": ("man", "adult"),
-    "1F469": ("woman", "adult"),
-    "1F9D1": ("person", "adult"),
-    "1F466": ("man", "child"),
-    "1F467": ("woman", "child"),
-    "1F476": ("person", "baby"),
-    "1F9D2": ("person", "child"),
-    "1F474": ("man", "older"),
-    "1F475": ("woman", "older"),
-    "1F9D3": ("person", "older"),
-    "1F471": ("person", "adult"),  # person: blond hair
-    "1F9D4": ("person", "adult"),  # person: beard
-}
-HAIR_CODEPOINTS = {
-    "1F9B0": "red",
-    "1F9B1": "curly",
-    "1F9B2": "bald",
-    "1F9B3": "white",
-    "1F471": "blond",
-    "1F9D4": "beard",
-}
-HAIR_TYPES = ("red", "curly", "white", "bald", "blond", "beard")
-
-# Single code points whose people are implied by the character itself. Genders follow the CLDR short names, which
-# describe today's glyphs (e.g. U+1F473 is "person wearing turban" although its Unicode name says "MAN").
-IMPLIED_PEOPLE = {
-    "1F385": [("man", "adult")],  # Santa Claus
-    "1F936": [("woman", "adult")],  # Mrs. Claus
-    "1F478": [("woman", "adult")],  # princess
-    "1F934": [("man", "adult")],  # prince
-    "1F930": [("woman", "adult")],  # pregnant woman
-    "1FAC3": [("man", "adult")],  # pregnant man
-    "1F483": [("woman", "adult")],  # woman dancing
-    "1F57A": [("man", "adult")],  # man dancing
-    "1F47C": [("person", "baby")],  # baby angel
-    "1F46B": [("woman", "adult"), ("man", "adult")],  # woman and man holding hands
-    "1F46C": [("man", "adult"), ("man", "adult")],
-    "1F46D": [("woman", "adult"), ("woman", "adult")],
-    "1F48F": [("person", "adult"), ("person", "adult")],  # kiss
-    "1F491": [("person", "adult"), ("person", "adult")],  # couple with heart
-    "1F46F": [("person", "adult"), ("person", "adult")],  # people with bunny ears
-    "1F93C": [("person", "adult"), ("person", "adult")],  # wrestlers
-    "1FAC2": [("person", "adult"), ("person", "adult")],  # people hugging
-    "1F465": [("person", "adult"), ("person", "adult")],  # busts in silhouette
-    "1F46A": [("person", "adult"), ("person", "adult"), ("person", "child")],  # family (both vendors draw 2+1)
-    "1F464": [("person", "adult")],  # bust in silhouette
-    "1F5E3": [("person", "adult")],  # speaking head
-}
-# Subcategories whose emoji show one person unless the code points say otherwise. Hands and body parts are not
-# people even though they take skin tones.
-PERSON_SUBCATEGORIES = {
-    "person",
-    "person-activity",
-    "person-fantasy",
-    "person-gesture",
-    "person-resting",
-    "person-role",
-    "person-sport",
-    "family",
-}
-
-
-def split_codepoints(unified: str) -> List[str]:
-    return [cp.upper() for cp in unified.split("-") if cp]
-
-
-def skin_tones_of(unified: str) -> List[int]:
-    """The Fitzpatrick levels (1-5) in a sequence, in order; empty when it has no modifier."""
-    return [SKIN_TONES[cp] for cp in split_codepoints(unified) if cp in SKIN_TONES]
-
-
-def people_of(unified: str, subcategory: str) -> List[Tuple[str, str]]:
-    """(gender, age) of every person an emoji shows, from its code points, or its character, or its subcategory."""
-    codepoints = [cp for cp in split_codepoints(unified) if cp not in SKIN_TONES and cp not in JOINERS]
-    people = [PERSON_CODEPOINTS[cp] for cp in codepoints if cp in PERSON_CODEPOINTS]
-    if not people and codepoints and codepoints[0] in IMPLIED_PEOPLE:
-        people = list(IMPLIED_PEOPLE[codepoints[0]])
-    if not people and subcategory in PERSON_SUBCATEGORIES:
-        people = [("person", "adult")]
-    # The ZWJ gender signs turn gender-neutral people into men or women ("woman running", "men wrestling").
-    sign = "woman" if FEMALE_SIGN in codepoints else "man" if MALE_SIGN in codepoints else None
-    if sign is not None:
-        people = [(sign if gender == "person" else gender, age) for gender, age in people]
-    return people
-
-
-def combined(values: Sequence[str]) -> str:
-    """One label for a group: "none" when empty, the shared value, or "mixed"."""
-    if not values:
-        return "none"
-    return values[0] if len(set(values)) == 1 else "mixed"
-
-
-def hair_of(unified: str) -> str:
-    hairs = [HAIR_CODEPOINTS[cp] for cp in split_codepoints(unified) if cp in HAIR_CODEPOINTS]
-    return hairs[0] if hairs else "none"
-
-
-def emoji_attributes(unified: str, subcategory: str) -> Dict[str, object]:
-    """All attribute columns of one image, from its full code point sequence (skin tones included)."""
-    people = people_of(unified, subcategory)
-    tones = skin_tones_of(unified)
-    gender = combined([gender for gender, _ in people])
-    age = combined([age for _, age in people])
-    hair = hair_of(unified)
-    # Two-person emoji with one modifier (e.g. U+1F46B U+1F3FD) show both people in that tone.
-    skin_tone = tones[0] if tones else 0
-    skin_tone_2 = tones[1] if len(tones) > 1 else skin_tone
-    return {
-        "skin_tone": skin_tone,
-        "skin_tone_2": skin_tone_2,
-        "has_skin_tone": skin_tone > 0,
-        "mixed_skin_tone": skin_tone != skin_tone_2,
-        "gender": gender,
-        "hair": hair,
-        "age": age,
-        "num_people": len(people),
-        "is_person": len(people) > 0,
-        "is_man": gender == "man",
-        "is_woman": gender == "woman",
-        "dark_skin": skin_tone >= 4,
-        "light_skin": 1 <= skin_tone <= 2,
-        **{("beard" if h == "beard" else f"hair_{h}"): hair == h for h in HAIR_TYPES},
-        "is_older": age == "older",
-        "is_child_or_baby": age in ("child", "baby"),
-    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -448,7 +156,9 @@ def load_vendor_rows(package_root: Path, vendor: str, resolution: int, max_image
     with open(emoji_json_path, encoding="utf-8") as f:
         emoji_json = json.load(f)
     if not isinstance(emoji_json, list):
-        raise ValueError(f"{emoji_json_path} should hold a JSON list of emoji entries, got {type(emoji_json).__name__}")
+        raise ValueError(
+            f"{emoji_json_path} should hold a JSON list of emoji entries, got {type(emoji_json).__name__}"
+        )
     records = list(emoji_records(emoji_json, vendor))
     if max_images is not None and len(records) > max_images:
         # Keep a hash-chosen subset, so a quick run still mixes people, flags, objects and smileys.
@@ -796,7 +506,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         logger.info("wrote %d demo samples to %s", args.num_demo_samples, args.demo_samples_dir)
 
     sizes = ", ".join(f"{name} {len(split)}" for name, split in dataset.items())
-    logger.info("saved %s (%s images) and %s in %.1f s", args.output_dir, sizes, card.name, time.perf_counter() - start)
+    logger.info(
+        "saved %s (%s images) and %s in %.1f s", args.output_dir, sizes, card.name, time.perf_counter() - start
+    )
     return args.output_dir
 
 
