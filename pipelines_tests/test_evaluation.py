@@ -1,4 +1,5 @@
-"""Evaluation metrics against hand-computed values, the baseline DDIM loops, and the evaluation command end to end."""
+"""Evaluation metrics against hand-computed values, the codes of DiffAE and of the DDIM baseline through the
+pipelines' own loops, and the evaluation command end to end."""
 
 import importlib.util
 import json
@@ -343,6 +344,9 @@ def test_codes_and_decodes_are_the_pipelines_own_with_and_without_z_sem():
         baseline.invert(x0, z, 2)
     with pytest.raises(ValueError, match="batch size"):
         baseline.denoise(None, None, 2)
+    for run_without_z_sem in (lambda: pipe.denoise(None, x_T, 2), lambda: pipe.invert(x0, None, 2)):
+        with pytest.raises(ValueError, match=rf"z_sem must have shape \(B, {Z}\)"):  # DiffAE needs its z_sem
+            run_without_z_sem()
 
 
 def test_binary_label_columns():
