@@ -21,11 +21,13 @@ from safetensors.torch import load_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAINING_DIR = REPO_ROOT / "training"
+BUNDLED_PIPELINE = REPO_ROOT / "src" / "diffusers_diffae" / "demo_assets" / "diffae-emoji32"
 sys.path.insert(0, str(TRAINING_DIR))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _checkpoints  # noqa: E402
 import _common  # noqa: E402
+import _models  # noqa: E402
 import _tiny_data  # noqa: E402
 import train_attribute_classifier  # noqa: E402
 import train_diffae  # noqa: E402
@@ -179,9 +181,9 @@ def test_channels_last_training_is_the_same_fp32_maths(data, tmp_path):
     from diffusers import DDPMScheduler
     from tiny import official_schedulers, tiny_encoder, tiny_unet
 
-    assert train_diffae.resolve_memory_format("auto", 32) == torch.contiguous_format
-    assert train_diffae.resolve_memory_format("auto", 64) == torch.channels_last
-    assert train_diffae.resolve_memory_format("contiguous", 256) == torch.contiguous_format
+    assert _models.resolve_memory_format("auto", 32) == torch.contiguous_format
+    assert _models.resolve_memory_format("auto", 64) == torch.channels_last
+    assert _models.resolve_memory_format("contiguous", 256) == torch.contiguous_format
     scheduler = DDPMScheduler.from_config(official_schedulers()[0].config)
     generator = torch.Generator().manual_seed(0)
     x0 = torch.rand(4, 3, 16, 16, generator=generator) * 2 - 1
@@ -292,6 +294,29 @@ def test_two_process_accelerate_launch(data, tmp_path):
     from diffusers_diffae import DiffAEPipeline
 
     assert DiffAEPipeline.from_pretrained(out).unet.config.sample_size == 16
+
+
+def test_init_from_the_bundled_pipeline_starts_from_its_weights(tmp_path):
+    """--init_from PIPELINE_FOLDER continues from the bundled emoji model's unet and encoder: one Adam step at a
+    tiny learning rate moves each weight by at most that rate, and the bundled folder is left untouched."""
+    from diffusers_diffae import DiffAEPipeline
+
+    data = _tiny_data.write_saved_dataset(str(tmp_path / "data32"), n=8, size=32, seed=0)
+    before = {p: p.read_bytes() for p in BUNDLED_PIPELINE.rglob("*") if p.is_file()}
+    out = tmp_path / "continued"
+    code = run_main(
+        train_diffae,
+        ["--dataset_name", data, "--init_from", BUNDLED_PIPELINE, "--train_batch_size", 4, "--max_train_steps", 1,
+         "--learning_rate", 1e-6, "--checkpointing_steps", 0, "--seed", 0, "--output_dir", out, *QUIET],
+    )  # fmt: skip
+    assert code == 0
+    assert {p: p.read_bytes() for p in BUNDLED_PIPELINE.rglob("*") if p.is_file()} == before
+    weights = "diffusion_pytorch_model.safetensors"
+    for part in ("unet", "encoder"):
+        assert 0 < max_abs_diff(BUNDLED_PIPELINE / part / weights, out / part / weights) <= 2e-6, part
+    pipe = DiffAEPipeline.from_pretrained(out)
+    assert pipe.unet.config.z_sem_channels == 128 and pipe.encoder.config.out_channels == 128
+    assert "- initialised from: `" in (out / "README.md").read_text()
 
 
 def test_lora_finetune_trains_only_the_adapter(trained_pipeline, data, tmp_path):

@@ -13,9 +13,14 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from typing import Any, Dict, Iterator, List, Optional
 
 from _common import TrainingInputError, write_pipeline_card
+from accelerate.logging import get_logger
+
+
+logger = get_logger(__name__)
 
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -76,12 +81,12 @@ def add_ema_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ema_update_after_step", type=int, default=0, help="Start averaging after this step.")
 
 
-def make_ema(args: argparse.Namespace, model, model_cls):
-    """diffusers' `EMAModel` of `model`, configured by the options of `add_ema_arguments`."""
+def make_ema(args: argparse.Namespace, model, model_cls, device):
+    """diffusers' `EMAModel` of `model` on `device`, configured by the options of `add_ema_arguments`."""
     from diffusers.training_utils import EMAModel
 
     min_decay = args.ema_min_decay if args.ema_min_decay is not None else (0.0 if args.ema_warmup else args.ema_decay)
-    return EMAModel(
+    ema = EMAModel(
         model.parameters(),
         decay=args.ema_decay,
         min_decay=float(min_decay),
@@ -93,33 +98,40 @@ def make_ema(args: argparse.Namespace, model, model_cls):
         model_cls=model_cls,
         model_config=model.config,
     )
+    ema.to(device)
+    return ema
 
 
 def load_ema(ema, folder: str, model_cls, device) -> None:
     """Restores `ema` (shadow weights and decay state) from the folder its `save_pretrained` wrote."""
     from diffusers.training_utils import EMAModel
 
-    ema.load_state_dict(EMAModel.from_pretrained(folder, model_cls=model_cls, foreach=True).state_dict())
+    with warnings.catch_warnings():
+        # EMAModel.from_pretrained itself passes the folder to from_config, which diffusers deprecates.
+        warnings.filterwarnings("ignore", "It is deprecated to pass a pretrained model name or path", FutureWarning)
+        saved = EMAModel.from_pretrained(folder, model_cls=model_cls, foreach=True)
+    ema.load_state_dict(saved.state_dict())
     ema.to(device)
 
 
 @contextlib.contextmanager
-def averaged_weights(emas, modules) -> Iterator[None]:
-    """Swaps each EMA's weights into its module (in eval mode) for validation; then restores the training
-    weights and modes."""
-    for ema, module in zip(emas, modules):
-        ema.store(module.parameters())
-        ema.copy_to(module.parameters())
-    modes = [module.training for module in modules]
-    for module in modules:
-        module.eval()
+def averaged_weights(models_and_emas) -> Iterator[None]:
+    """For validation: puts each model of the `(model, EMAModel or None)` pairs in eval mode with its EMA's
+    weights; on exit restores its training weights and mode."""
+    for model, ema in models_and_emas:
+        if ema is not None:
+            ema.store(model.parameters())
+            ema.copy_to(model.parameters())
+    modes = [model.training for model, _ in models_and_emas]
+    for model, _ in models_and_emas:
+        model.eval()
     try:
         yield
     finally:
-        for ema, module in zip(emas, modules):
-            ema.restore(module.parameters())
-        for module, mode in zip(modules, modes):
-            module.train(mode)
+        for (model, ema), mode in zip(models_and_emas, modes):
+            if ema is not None:
+                ema.restore(model.parameters())
+            model.train(mode)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -229,6 +241,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: Dict[str, An
             if name.startswith((".tmp-", ".trash-")):
                 shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
     accelerator.wait_for_everyone()
+    logger.info(f"saved {final}")
     return final
 
 

@@ -5,6 +5,7 @@ loss with a stop at the first non-finite one, image grids, model cards and the H
 """
 
 import argparse
+import functools
 import logging
 import math
 import os
@@ -31,6 +32,20 @@ class TrainingInputError(ValueError):
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the weights became NaN or infinite; training stops without writing a checkpoint."""
+
+
+def stop_on_non_finite_loss(main):
+    """Decorates a script's `main`: a `NonFiniteLossError` is logged and makes it return exit status 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except NonFiniteLossError as e:
+            logger.error(str(e))
+            return 2
+
+    return wrapper
 
 
 def run_main(main) -> None:
@@ -257,9 +272,10 @@ class LossMonitor:
     """The mean loss and the throughput over each logging interval, and the first step whose loss was NaN or
     infinite, with one device sync per logging step instead of one per step.
 
-    `observe` only queues device ops. `check` syncs across processes and raises a `NonFiniteLossError` naming the
-    step and `last_checkpoint`; call it before writing a checkpoint, so that the newest one always holds finite
-    weights. `log` checks, then logs the interval's mean loss and rates and starts a new interval.
+    `observe` only queues device ops. `check` syncs across processes, ends the trackers' runs (keeping their logs up
+    to here) and raises a `NonFiniteLossError` naming the step and `last_checkpoint`; call it before writing a
+    checkpoint, so that the newest one always holds finite weights. `log` checks, then logs the interval's mean
+    loss and rates and starts a new interval.
     """
 
     def __init__(self, accelerator, step: int, samples_per_step: int, last_checkpoint: Optional[str]):
@@ -278,23 +294,25 @@ class LossMonitor:
     def check(self, accelerator, step: int, parameters: Optional[Iterable[torch.nn.Parameter]] = None) -> None:
         """Raises for a non-finite loss so far and, with `parameters`, for non-finite weights (a huge update can
         leave inf weights while that step's loss, computed before the update, was still finite)."""
-        where = (
-            f"the last good checkpoint is {self.last_checkpoint}"
-            if self.last_checkpoint
-            else "no checkpoint was saved"
-        )
+        where = "no checkpoint was saved"
+        if self.last_checkpoint:
+            where = f"the last good checkpoint is {self.last_checkpoint}"
         steps = accelerator.gather(self.first_bad_step.reshape(1))
         bad = steps[steps >= 0]
+        message = None
         if bad.numel():
-            raise NonFiniteLossError(
+            message = (
                 f"the loss became NaN or infinite at step {int(bad.min())}; training stopped and no further "
                 f"checkpoint was written ({where}). Lower --learning_rate, check the data, or use --mixed_precision no"
             )
-        if parameters is not None and not all(torch.isfinite(p.detach()).all() for p in parameters):
-            raise NonFiniteLossError(
+        elif parameters is not None and not all(torch.isfinite(p.detach()).all() for p in parameters):
+            message = (
                 f"the weights became NaN or infinite at step {step}; training stopped without writing a checkpoint "
                 f"({where}). Lower --learning_rate or check --max_grad_norm."
             )
+        if message is not None:
+            accelerator.end_training()
+            raise NonFiniteLossError(message)
 
     def log(self, accelerator, step: int, progress, **extra: float) -> float:
         """Checks, then logs the mean loss and the rates since the last call (trackers and progress bar)."""

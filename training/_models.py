@@ -4,10 +4,12 @@ Each config is a plain dict for a diffusers `from_config` (keys starting with `_
 any data is read, so that a mismatch (z_sem widths, image size, channels) fails in seconds with a clear message.
 """
 
+import argparse
 import json
 import os
 from typing import Dict, Optional, Sequence
 
+import torch
 from _common import TrainingInputError
 
 
@@ -107,6 +109,47 @@ def diffae_configs(args) -> Dict[str, Optional[dict]]:
                 f"{config.get('sample_size', 64)} (attention placement depends on it); change one of them"
             )
     return configs
+
+
+def resolve_memory_format(choice: str, resolution: int) -> torch.memory_format:
+    """`--memory_format` -> a torch memory format (auto: channels_last from 64 px up, as the pipeline's default)."""
+    if choice == "auto":
+        choice = "channels_last" if resolution >= 64 else "contiguous"
+    return torch.channels_last if choice == "channels_last" else torch.contiguous_format
+
+
+def build_diffae(args: argparse.Namespace, configs: dict):
+    """The UNet and the encoder (None for the baseline): from --init_from's weights, or freshly initialised."""
+    from diffusers_diffae import DiffAEUNet2DModel, SemanticEncoder
+
+    try:
+        if args.init_from:
+            unet = DiffAEUNet2DModel.from_pretrained(args.init_from, subfolder="unet")
+            encoder = None
+            if not args.no_semantic_encoder:
+                encoder = SemanticEncoder.from_pretrained(args.init_from, subfolder="encoder")
+        else:
+            unet = DiffAEUNet2DModel.from_config(configs["unet"])
+            encoder = None if configs["encoder"] is None else SemanticEncoder.from_config(configs["encoder"])
+    except (TypeError, ValueError) as e:
+        raise TrainingInputError(f"could not build the models from the given config: {e}") from e
+    return unet, encoder
+
+
+def add_lora_adapters(args: argparse.Namespace, unet, encoder) -> None:
+    """Freezes the base weights and adds trainable LoRA adapters (peft) to the UNet and optionally the encoder."""
+    from peft import LoraConfig
+
+    def lora_config(targets: str) -> LoraConfig:
+        modules = [m.strip() for m in targets.split(",") if m.strip()]
+        return LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=modules, init_lora_weights=True)
+
+    unet.requires_grad_(False)
+    unet.add_adapter(lora_config(args.lora_target_modules))
+    if encoder is not None:
+        encoder.requires_grad_(False)
+        if args.lora_encoder:
+            encoder.add_adapter(lora_config(args.lora_encoder_target_modules))
 
 
 def latent_config(args, width: int) -> dict:

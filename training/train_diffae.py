@@ -159,47 +159,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def resolve_memory_format(choice: str, resolution: int) -> torch.memory_format:
-    """`--memory_format` -> a torch memory format (auto: channels_last from 64 px up, as the pipeline's default)."""
-    if choice == "auto":
-        choice = "channels_last" if resolution >= 64 else "contiguous"
-    return torch.channels_last if choice == "channels_last" else torch.contiguous_format
-
-
-def build_models(args: argparse.Namespace, configs: dict):
-    """The UNet and the encoder (None for the baseline): from --init_from's weights, or freshly initialised."""
-    from diffusers_diffae import DiffAEUNet2DModel, SemanticEncoder
-
-    try:
-        if args.init_from:
-            unet = DiffAEUNet2DModel.from_pretrained(args.init_from, subfolder="unet")
-            encoder = None
-            if not args.no_semantic_encoder:
-                encoder = SemanticEncoder.from_pretrained(args.init_from, subfolder="encoder")
-        else:
-            unet = DiffAEUNet2DModel.from_config(configs["unet"])
-            encoder = None if configs["encoder"] is None else SemanticEncoder.from_config(configs["encoder"])
-    except (TypeError, ValueError) as e:
-        raise TrainingInputError(f"could not build the models from the given config: {e}") from e
-    return unet, encoder
-
-
-def add_lora_adapters(args: argparse.Namespace, unet, encoder) -> None:
-    """Freezes the base weights and adds trainable LoRA adapters (peft) to the UNet and optionally the encoder."""
-    from peft import LoraConfig
-
-    def lora_config(targets: str) -> LoraConfig:
-        modules = [m.strip() for m in targets.split(",") if m.strip()]
-        return LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=modules, init_lora_weights=True)
-
-    unet.requires_grad_(False)
-    unet.add_adapter(lora_config(args.lora_target_modules))
-    if encoder is not None:
-        encoder.requires_grad_(False)
-        if args.lora_encoder:
-            encoder.add_adapter(lora_config(args.lora_encoder_target_modules))
-
-
 class DiffAETrainingModule(nn.Module):
     """The decoder and the encoder under one module, so that one DDP wrapper, one autocast context and one
     optimizer see both: the encoder is trained only through the decoder's loss (paper §3.2)."""
@@ -249,7 +208,8 @@ def run_validation(args, module, emas, scheduler_config, images: torch.Tensor) -
     from diffusers_diffae import DiffAELatents
 
     unet, encoder = module.unet, module.encoder
-    with _checkpoints.averaged_weights(emas, [m for m in (unet, encoder) if m is not None]):
+    models = {"unet": unet, "encoder": encoder}
+    with _checkpoints.averaged_weights([(m, emas.get(name)) for name, m in models.items() if m is not None]):
         pipe = build_pipeline(unet, encoder, scheduler_config)
         pipe.set_progress_bar_config(disable=True)
         steps, n = args.validation_inference_steps, images.shape[0]
@@ -340,7 +300,8 @@ def export(args, configs, module, folder: str, notes: str) -> None:
         usage = (
             f"The DDIM baseline of {paper}: the same UNet without the semantic code, for comparisons.\n\n```py\n"
             "import diffusers_diffae  # registers the model classes\nfrom diffusers import DDIMPipeline\n\n"
-            f'pipe = DDIMPipeline.from_pretrained("{repo}")\nimages = pipe(batch_size=4, num_inference_steps=50).images\n```'
+            f'pipe = DDIMPipeline.from_pretrained("{repo}")\n'
+            "images = pipe(batch_size=4, num_inference_steps=50).images\n```"
         )
     dataset = args.dataset_name or args.train_data_dir
     text = f"# {title} trained on {dataset}\n\n{usage}\n\n## Training\n\n{notes}\n"
@@ -354,6 +315,7 @@ def export(args, configs, module, folder: str, notes: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@_common.stop_on_non_finite_loss
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
@@ -400,13 +362,13 @@ def main(argv=None) -> int:
     )
 
     # 3. models
-    unet, encoder = build_models(args, configs)
-    memory_format = resolve_memory_format(args.memory_format, unet.config.sample_size)
+    unet, encoder = _models.build_diffae(args, configs)
+    memory_format = _models.resolve_memory_format(args.memory_format, unet.config.sample_size)
     for part in (unet, encoder):
         if part is not None:
             part.to(memory_format=memory_format)
     if args.use_lora:
-        add_lora_adapters(args, unet, encoder)
+        _models.add_lora_adapters(args, unet, encoder)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if encoder is not None:
@@ -415,29 +377,32 @@ def main(argv=None) -> int:
     module = DiffAETrainingModule(unet, encoder, noise_scheduler)
     module.train()
     parameters = [p for p in module.parameters() if p.requires_grad]
-    sizes = [
-        f"{name} {sum(p.numel() for p in part.parameters()) / 1e6:.2f}M" for name, part in module.named_children()
-    ]
-    logger.info(f"parameters: {', '.join(sizes)}, {sum(p.numel() for p in parameters) / 1e6:.3f}M trainable")
+    logger.info(f"{sum(p.numel() for p in parameters) / 1e6:.3f}M trainable parameters")
 
-    # 4. optimizer, EMA, LR schedule
+    # 4. optimizer, LR schedule, EMA
     learning_rate = args.learning_rate
     if args.scale_lr:
         learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes / 32
     optimizer = _common.make_optimizer(args, parameters, learning_rate)
-    parts = ((unet, DiffAEUNet2DModel, "unet"), (encoder, SemanticEncoder, "encoder"))
-    parts = [(part, cls, name) for part, cls, name in parts if part is not None]
-    emas = [_checkpoints.make_ema(args, part, cls) for part, cls, _ in parts] if args.use_ema else []
     # The sharded loader's length decides the epoch: (N // batch) // processes batches with drop_last.
     train_dataloader = accelerator.prepare(train_dataloader)
     steps_per_epoch, max_train_steps, num_epochs, lr_scheduler = _common.plan_steps_and_lr_schedule(
         args, optimizer, len(train_dataloader), accelerator.num_processes
     )
     module, optimizer, lr_scheduler = accelerator.prepare(module, optimizer, lr_scheduler)
-    for ema in emas:
-        ema.to(accelerator.device)
+    inner = accelerator.unwrap_model(module)
+    # The trained models by their attribute name in the training module (and folder name in checkpoints).
+    classes = {"unet": DiffAEUNet2DModel, "encoder": SemanticEncoder} if encoder else {"unet": DiffAEUNet2DModel}
+    emas = {}
+    if args.use_ema:
+        emas = {
+            name: _checkpoints.make_ema(args, getattr(inner, name), cls, accelerator.device)
+            for name, cls in classes.items()
+        }
 
-    # 5. checkpoint hooks (diffusers folders for the models and their EMA), resume
+    # 5. checkpoint hooks (diffusers folders instead of accelerate's pickled models), resume
+    resumed_decay = None  # the EMA decay the resumed checkpoint ran at, for its record
+
     def save_model_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             inner = accelerator.unwrap_model(models[0])
@@ -445,14 +410,12 @@ def main(argv=None) -> int:
                 from safetensors.torch import save_file
 
                 save_file(trainable_state(inner), os.path.join(output_dir, LORA_STATE_FILE))
-            for (part, _, name), ema in zip(parts, emas or [None] * len(parts)):
-                if not args.use_lora:
+            else:
+                for name in classes:
                     getattr(inner, name).save_pretrained(os.path.join(output_dir, name))
-                if ema is not None:
-                    ema.save_pretrained(os.path.join(output_dir, f"{name}_ema"))
+            for name, ema in emas.items():
+                ema.save_pretrained(os.path.join(output_dir, f"{name}_ema"))
         weights.clear()  # the folders above replace accelerate's own model files
-
-    resumed_decay = None  # the EMA decay the resumed checkpoint ran at, for its record
 
     def load_model_hook(models, input_dir):
         nonlocal resumed_decay
@@ -465,21 +428,20 @@ def main(argv=None) -> int:
             if missing:
                 raise TrainingInputError(f"checkpoint {input_dir} lacks adapter weights {sorted(missing)[:3]}...")
             inner.load_state_dict(state, strict=False)
-        for (_, cls, name), ema in zip(parts, emas or [None] * len(parts)):
-            if not args.use_lora:
+        else:
+            for name, cls in classes.items():
                 getattr(inner, name).load_state_dict(cls.from_pretrained(input_dir, subfolder=name).state_dict())
-            if ema is not None:
-                _checkpoints.load_ema(ema, os.path.join(input_dir, f"{name}_ema"), cls, accelerator.device)
-                resumed_decay = resumed_decay or ema.decay
-                if ema.decay != args.ema_decay:  # as with --learning_rate, the resumed run's --ema_decay wins
-                    logger.info(
-                        f"{name}_ema was saved with decay {ema.decay:g}; continuing with --ema_decay {args.ema_decay:g}"
-                    )
-                    ema.decay = args.ema_decay
+        for name, ema in emas.items():
+            _checkpoints.load_ema(ema, os.path.join(input_dir, f"{name}_ema"), classes[name], accelerator.device)
+            resumed_decay = resumed_decay or ema.decay
+            if ema.decay != args.ema_decay:  # as with --learning_rate, the resumed run's --ema_decay wins
+                logger.info(
+                    f"{name}_ema was saved with decay {ema.decay:g}; continuing with --ema_decay {args.ema_decay:g}"
+                )
+                ema.decay = args.ema_decay
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
-
     global_step, resumed_rate = 0, learning_rate
     if resume_checkpoint is not None:
         logger.info(f"resuming from {resume_checkpoint}")
@@ -512,9 +474,6 @@ def main(argv=None) -> int:
     deadline = None if args.max_train_minutes is None else time.monotonic() + 60 * args.max_train_minutes
     time_up = False
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
-    progress = tqdm(
-        total=max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
-    )
     first_epoch = global_step // steps_per_epoch
     skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
@@ -545,7 +504,8 @@ def main(argv=None) -> int:
             logger.info(f"validation images: {', '.join(paths)}")
         accelerator.wait_for_everyone()
 
-    try:
+    progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process)
+    with progress:
         for epoch in range(first_epoch, num_epochs):
             if global_step >= max_train_steps or time_up:
                 break
@@ -555,10 +515,8 @@ def main(argv=None) -> int:
                 with accelerator.accumulate(module):
                     x0 = batch.to(torch.float32) / 127.5 - 1  # uint8 -> [-1, 1] on the device
                     noise = torch.randn_like(x0)  # drawn before the layout change: the same noise in any layout
-                    x0, noise = (
-                        x0.contiguous(memory_format=memory_format),
-                        noise.contiguous(memory_format=memory_format),
-                    )
+                    x0 = x0.contiguous(memory_format=memory_format)
+                    noise = noise.contiguous(memory_format=memory_format)
                     timesteps = torch.randint(0, num_train_timesteps, (x0.shape[0],), device=x0.device)
                     loss = module(x0, timesteps, noise).mean()
                     _common.backward_and_step(
@@ -569,41 +527,32 @@ def main(argv=None) -> int:
                     continue
 
                 global_step += 1
-                inner = accelerator.unwrap_model(module)
-                for ema, (_, _, name) in zip(emas, parts):
+                for name, ema in emas.items():
                     ema.step(getattr(inner, name).parameters())
                 progress.update(1)
 
                 if global_step % args.logging_steps == 0 or global_step == max_train_steps:
-                    extra = {"ema_decay": emas[0].cur_decay_value} if emas else {}
+                    extra = {"ema_decay": emas["unet"].cur_decay_value} if emas else {}
                     monitor.log(accelerator, global_step, progress, lr=lr_scheduler.get_last_lr()[0], **extra)
                     if deadline is not None and _common.deadline_passed(accelerator, deadline):
                         time_up = True
                         logger.info(f"--max_train_minutes {args.max_train_minutes:g} reached at step {global_step}")
                 if args.checkpointing_steps and (global_step % args.checkpointing_steps == 0 or time_up):
-                    monitor.check(accelerator, global_step, parameters)
+                    monitor.check(accelerator, global_step, parameters)  # a checkpoint never holds NaN weights
                     monitor.last_checkpoint = _checkpoints.save_checkpoint(
                         accelerator, args.output_dir, global_step, checkpoint_state(), args.checkpoints_total_limit
                     )
-                    logger.info(f"saved {monitor.last_checkpoint}")
                 if args.validation_steps and global_step % args.validation_steps == 0:
                     validate()
                 if global_step >= max_train_steps or time_up:
                     break
-        monitor.check(accelerator, global_step, parameters)
-    except _common.NonFiniteLossError as e:
-        progress.close()
-        accelerator.end_training()
-        logger.error(str(e))
-        return 2
-    progress.close()
+    monitor.check(accelerator, global_step, parameters)
 
     # 7. final validation, then the pipeline with the EMA weights (official `ema_model`) and its model card
     if args.validation_steps == 0 or global_step % args.validation_steps != 0:
         validate()
     if accelerator.is_main_process:
-        inner = accelerator.unwrap_model(module)
-        for ema, (_, _, name) in zip(emas, parts):
+        for name, ema in emas.items():
             ema.copy_to(getattr(inner, name).parameters())
         notes = training_notes(args, configs, len(train_dataset), global_step, monitor.last_loss, checkpoint_state())
         with _checkpoints.staged_output(args.output_dir) as staging:

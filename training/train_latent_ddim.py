@@ -91,10 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 @torch.no_grad()
-def sample_grid(args, pipe, denoiser, emas) -> tuple:
+def sample_grid(args, pipe, denoiser, ema) -> tuple:
     """Unconditional samples (latent DDIM -> image DDIM) with the EMA weights, as a grid, and the mean and std
     of the sampled normalised codes (a trained latent DDIM reproduces their unit moments)."""
-    with _checkpoints.averaged_weights(emas, [denoiser]):
+    with _checkpoints.averaged_weights([(denoiser, ema)]):
         pipe.register_modules(latent_denoiser=denoiser)
         generator = torch.Generator(device="cpu").manual_seed(0)
         z_n = pipe.sample_z_sem(
@@ -111,6 +111,7 @@ def sample_grid(args, pipe, denoiser, emas) -> tuple:
     return grid, z_n.mean().item(), z_n.std().item()
 
 
+@_common.stop_on_non_finite_loss
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
@@ -180,31 +181,31 @@ def main(argv=None) -> int:
     denoiser.train()
     noise_scheduler = DDPMScheduler.from_config(scheduler_config)
     optimizer = _common.make_optimizer(args, denoiser.parameters(), args.learning_rate)
-    emas = [_checkpoints.make_ema(args, denoiser, LatentMLPDenoiser)] if args.use_ema else []
     steps_per_epoch, max_train_steps, num_epochs, lr_scheduler = _common.plan_steps_and_lr_schedule(
         args, optimizer, len(train_dataloader), accelerator.num_processes
     )
     denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
-    for ema in emas:
-        ema.to(accelerator.device)
+    inner = accelerator.unwrap_model(denoiser)
+    ema = _checkpoints.make_ema(args, inner, LatentMLPDenoiser, accelerator.device) if args.use_ema else None
 
-    # 4. checkpoint hooks (diffusers folders for the denoiser and its EMA), resume
+    # 4. checkpoint hooks (diffusers folders instead of accelerate's pickled models), resume
     def save_model_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             accelerator.unwrap_model(models[0]).save_pretrained(os.path.join(output_dir, "latent_denoiser"))
-            for ema in emas:
+            if ema is not None:
                 ema.save_pretrained(os.path.join(output_dir, "latent_denoiser_ema"))
         weights.clear()  # the folders above replace accelerate's own model files
 
     def load_model_hook(models, input_dir):
         inner = accelerator.unwrap_model(models.pop())
         inner.load_state_dict(LatentMLPDenoiser.from_pretrained(input_dir, subfolder="latent_denoiser").state_dict())
-        for ema in emas:
+        if ema is not None:
             folder = os.path.join(input_dir, "latent_denoiser_ema")
             _checkpoints.load_ema(ema, folder, LatentMLPDenoiser, accelerator.device)
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
+
     global_step = 0
     if resume_checkpoint is not None:
         logger.info(f"resuming from {resume_checkpoint}")
@@ -218,13 +219,9 @@ def main(argv=None) -> int:
         f"{len(z_normalized)} codes of width {width}, denoiser "
         f"{sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f}M parameters, {max_train_steps} steps"
     )
-    inner = accelerator.unwrap_model(denoiser)
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     codes_per_step = global_batch * args.gradient_accumulation_steps
     monitor = _common.LossMonitor(accelerator, global_step, codes_per_step, last_checkpoint=resume_checkpoint)
-    progress = tqdm(
-        total=max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
-    )
     first_epoch = global_step // steps_per_epoch
     skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
     validation_pipe = DiffAEPipeline(
@@ -238,14 +235,15 @@ def main(argv=None) -> int:
 
     def validate():
         if accelerator.is_main_process:
-            grid, sample_mean, sample_std = sample_grid(args, validation_pipe, inner, emas)
+            grid, sample_mean, sample_std = sample_grid(args, validation_pipe, inner, ema)
             folder = os.path.join(args.checkpoint_dir, "validation")
             paths = _common.save_validation_images(accelerator, {"samples": grid}, folder, global_step)
             logger.info(f"samples: {paths[0]} (sampled z_n mean {sample_mean:.3f}, std {sample_std:.3f})")
             accelerator.log({"sample_mean": sample_mean, "sample_std": sample_std}, step=global_step)
         accelerator.wait_for_everyone()
 
-    try:
+    progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process)
+    with progress:
         for epoch in range(first_epoch, num_epochs):
             if global_step >= max_train_steps:
                 break
@@ -263,35 +261,29 @@ def main(argv=None) -> int:
                     continue
 
                 global_step += 1
-                for ema in emas:
+                if ema is not None:
                     ema.step(inner.parameters())
                 progress.update(1)
 
                 if global_step % args.logging_steps == 0 or global_step == max_train_steps:
                     monitor.log(accelerator, global_step, progress, lr=lr_scheduler.get_last_lr()[0])
                 if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                    monitor.check(accelerator, global_step, inner.parameters())
+                    monitor.check(accelerator, global_step, inner.parameters())  # a checkpoint never holds NaN weights
                     state = {"global_step": global_step, "seed": seed, "num_processes": accelerator.num_processes}
                     monitor.last_checkpoint = _checkpoints.save_checkpoint(
                         accelerator, args.checkpoint_dir, global_step, state, args.checkpoints_total_limit
                     )
-                    logger.info(f"saved {monitor.last_checkpoint}")
                 if args.validation_steps and global_step % args.validation_steps == 0:
                     validate()
                 if global_step >= max_train_steps:
                     break
-        monitor.check(accelerator, global_step, inner.parameters())
-    except _common.NonFiniteLossError as e:
-        progress.close()
-        logger.error(str(e))
-        return 2
-    progress.close()
+    monitor.check(accelerator, global_step, inner.parameters())
 
     # 6. final validation, then latent_denoiser + latent_scheduler (and the statistics) into the pipeline folder
     if args.validation_steps == 0 or global_step % args.validation_steps != 0:
         validate()
     if accelerator.is_main_process:
-        for ema in emas:
+        if ema is not None:
             ema.copy_to(inner.parameters())
         final = LatentMLPDenoiser.from_config(inner.config)
         final.load_state_dict(inner.state_dict())
@@ -306,7 +298,7 @@ def main(argv=None) -> int:
             f"- denoiser: {config.get('num_layers')} layers, hidden {config.get('hidden_channels')}; "
             f"beta schedule {args.latent_beta_schedule}; L1 loss\n"
             f"- optimiser: {args.optimizer}, lr {args.learning_rate}, weight decay {args.weight_decay}, "
-            f"batch {args.train_batch_size}, {global_step} steps, EMA {'on' if emas else 'off'}\n"
+            f"batch {args.train_batch_size}, {global_step} steps, EMA {'off' if ema is None else 'on'}\n"
             + (f"- final loss: {monitor.last_loss:.4f}\n" if monitor.last_loss is not None else "")
         )
         _checkpoints.save_stage(pipe, args, "Latent DDIM", notes)
