@@ -107,7 +107,7 @@ class AttributeClassifier(ModelMixin, ConfigMixin, ZSemStatisticsMixin):
         """
         check_vector_batch(z_sem, "z_sem", self.config.num_channels)
         z_n = z_sem if normalized else self.normalize_z_sem(z_sem)
-        logits = self.linear(z_n.to(self.linear.weight.dtype))
+        logits = self.linear(z_n.to(self.dtype))  # the compute dtype, also under layerwise casting
         if not return_dict:
             return (logits,)
         return AttributeClassifierOutput(logits=logits)
