@@ -1,7 +1,7 @@
 """End-to-end tests of the training scripts in training/ on tiny generated images (CPU, a few steps each).
 
-Most runs call the scripts' `main()` in this process (the package import costs ~10 s per interpreter); the
-kill-and-resume test and the two-process `accelerate launch` test run real subprocesses.
+Most runs call the scripts' `main()` in this process, which saves a package import per run; the kill-and-resume
+test and the two-process `accelerate launch` test run real subprocesses.
 """
 
 import json
@@ -233,8 +233,8 @@ def test_kill_and_resume_matches_uninterrupted_run(data, tmp_path):
     reference = tmp_path / "reference"
     assert run_main(train_diffae, [*common, "--max_train_steps", steps, "--output_dir", reference]) == 0
 
-    # The same run in a subprocess that would go on for 100000 steps (not concurrently with the reference: two
-    # multi-threaded trainings on two cores slow each other down ~50-fold).
+    # The same run in a subprocess that would go on for 100000 steps (after the reference, not beside it: two
+    # multi-threaded trainings on a small machine fight over its cores).
     resumed = tmp_path / "resumed"
     process = subprocess.Popen(
         [sys.executable, str(TRAINING_DIR / "train_diffae.py"), *map(str, common), "--max_train_steps", "100000",

@@ -1,7 +1,6 @@
-"""What the three training scripts share besides data (`_data.py`) and checkpoints (`_checkpoints.py`).
-
-The accelerator and its CPU threads, the optimizer and LR schedule, one optimisation step, the logging of the
-loss with a stop at the first non-finite one, image grids, model cards and the Hub upload.
+"""What the training scripts share, apart from data (`_data.py`), checkpoints (`_checkpoints.py`) and model
+configs (`_models.py`): options, the accelerator and its CPU threads, the optimizer and LR schedule, one
+optimisation step, the loss log with a stop at the first non-finite loss, image grids, model cards, the Hub.
 """
 
 import argparse
@@ -176,32 +175,33 @@ def no_accelerator_device() -> bool:
     return not (torch.cuda.is_available() or any(available() for available in accelerators))
 
 
-def make_accelerator(
-    num_threads: Optional[int] = None,
-    seed: Optional[int] = None,
-    report_to: str = "none",
-    project_dir: Optional[str] = None,
-    logging_dir: Optional[str] = None,
-    **kwargs,
-):
+def make_accelerator(args=None, seed: Optional[int] = None, project_dir=None, logging_dir=None):
     """An `Accelerator` (CPU DDP where there is no accelerator device) with seeded data order and RNGs.
 
-    Also splits the CPU cores between the local processes unless `num_threads` or OMP_NUM_THREADS decided:
-    oversubscription (two processes each using every core) makes CPU DDP several times slower. `kwargs` go to
-    `Accelerator` (`gradient_accumulation_steps`, `mixed_precision`).
+    `args` holds the options of `add_optimization_arguments` and `add_logging_arguments` (threads, precision,
+    gradient accumulation, trackers); without it, accelerate's defaults. The CPU cores are split between the
+    local processes unless --num_threads or OMP_NUM_THREADS decided: two processes that each use every core slow
+    CPU DDP down.
     """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
+    options = {}
+    if args is not None:
+        options = {
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "mixed_precision": args.mixed_precision,
+            "log_with": None if args.report_to == "none" else args.report_to,
+        }
     accelerator = Accelerator(
         cpu=no_accelerator_device(),
-        log_with=None if report_to == "none" else report_to,
         project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=logging_dir),
         # The data order is a function of (seed, epoch) on every process, so skipping batches on resume lands on
         # exactly the batch an uninterrupted run would see next.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
-        **kwargs,
+        **options,
     )
+    num_threads = None if args is None else args.num_threads
     if num_threads is None and not os.environ.get("OMP_NUM_THREADS"):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         num_threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))

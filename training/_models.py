@@ -1,7 +1,7 @@
 """Model configs of the training scripts, from `--preset`, a JSON file or a trained pipeline folder.
 
 Each config is a plain dict for a diffusers `from_config` (keys starting with `_` dropped) and is checked before
-any data is read, so that a mismatch (z_sem widths, image size, channels) fails in seconds with a clear message.
+any data is read, so that a mismatch (z_sem widths, image size, channels) fails early with a clear message.
 """
 
 import argparse

@@ -116,8 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=str,
         default="auto",
         choices=["auto", "channels_last", "contiguous"],
-        help="Layout of weights and activations. auto: channels_last from 64 px up (faster there on CPU, "
-        "docs/results/speed.md), contiguous below. Both are exact fp32.",
+        help="Layout of weights and activations. auto: channels_last from 64 px up (the pipeline's default), "
+        "contiguous below. Both are exact fp32.",
     )
     _checkpoints.add_ema_arguments(parser)
     _checkpoints.add_checkpoint_arguments(parser, checkpointing_default=500)
@@ -132,7 +132,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     _common.add_hub_arguments(parser)
     args = parser.parse_args(argv)
 
-    # Checks that need nothing heavy, so that bad input fails in seconds.
+    # Checks that need nothing heavy: bad input fails before any model or data is loaded.
     _common.check_positive(
         args,
         ["train_batch_size", "gradient_accumulation_steps", "learning_rate", "num_validation_images"]
@@ -330,15 +330,8 @@ def main(argv=None) -> int:
 
     # 1. accelerator
     seed = _common.resolve_seed(args.seed, resume_state)
-    accelerator = _common.make_accelerator(
-        args.num_threads,
-        seed,
-        args.report_to,
-        project_dir=args.output_dir,
-        logging_dir=os.path.join(args.output_dir, args.logging_dir),
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-    )
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator = _common.make_accelerator(args, seed, project_dir=args.output_dir, logging_dir=logging_dir)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 

@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help='Beta schedule of the latent diffusion: "const<beta>" (official const0.008) or "linear".',
     )
 
-    # The paper trains ~1,400 epochs; the default --num_epochs 100 is a quick fit.
+    # The default --num_epochs 100 is a quick fit; the paper's latent DDIMs train far longer (see the README).
     _common.add_optimization_arguments(parser, train_batch_size=256, optimizer="adamw", weight_decay=0.01)
     _checkpoints.add_ema_arguments(parser)
     _checkpoints.add_checkpoint_arguments(parser, checkpointing_default=1000)
@@ -115,6 +115,7 @@ def sample_grid(args, pipe, denoiser, ema) -> tuple:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    pipe = _models.load_autoencoder(args)
     resume_checkpoint = _checkpoints.resolve_resume_checkpoint(args.resume_from_checkpoint, args.checkpoint_dir)
     resume_state = _checkpoints.read_training_state(resume_checkpoint)
 
@@ -125,7 +126,6 @@ def main(argv=None) -> int:
     from diffusers_diffae.presets import _ddim_config
     from diffusers_diffae.training_utils import latent_ddim_loss
 
-    pipe = _models.load_autoencoder(args)
     width = pipe.encoder.config.out_channels
     config = _models.latent_config(args, width)
     try:
@@ -137,14 +137,7 @@ def main(argv=None) -> int:
 
     # 1. accelerator
     seed = _common.resolve_seed(args.seed, resume_state)
-    accelerator = _common.make_accelerator(
-        args.num_threads,
-        seed,
-        args.report_to,
-        project_dir=args.checkpoint_dir,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-    )
+    accelerator = _common.make_accelerator(args, seed, project_dir=args.checkpoint_dir)
 
     # 2. data: encode once with the (EMA) encoder, normalise with the training set's statistics
     dataset = _data.load_dataset_from_args(args)

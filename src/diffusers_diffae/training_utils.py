@@ -34,11 +34,11 @@ def diffae_loss(
     this loss alone. With `encoder=None` it is the DDIM baseline's objective (the UNet must have no z_sem).
 
     Args:
-        x0 (`(B, C, H, W)`): clean images in [-1, 1].
-        timesteps (`(B,)` int): uniform in `[0, num_train_timesteps)`.
-        noise (`(B, C, H, W)`): standard Gaussian noise.
+        x0 (`torch.Tensor` of shape `(B, C, H, W)`): clean images in [-1, 1].
+        timesteps (`torch.Tensor` of shape `(B,)`, integers): uniform in `[0, num_train_timesteps)`.
+        noise (`torch.Tensor` of shape `(B, C, H, W)`): standard Gaussian noise.
         noise_scheduler: a diffusers scheduler with `add_noise` (e.g. `DDPMScheduler`).
-        reduction: `"mean"` (scalar) or `"none"` (`(B,)`).
+        reduction (`str`): `"mean"` (a scalar) or `"none"` (shape `(B,)`).
     """
     z_sem = encoder(x0).z_sem if encoder is not None else None
     x_t = noise_scheduler.add_noise(x0, noise, timesteps)
@@ -57,7 +57,14 @@ def latent_ddim_loss(
 ) -> torch.Tensor:
     r"""
     The latent DDIM objective (Eq. 9 with the official L1 loss): `| eps_omega(z_t, t) - eps |_1`, averaged over
-    the D dimensions and the batch, on normalised z_sem `(B, D)` with the constant-0.008 beta schedule.
+    the D dimensions, then over the batch (official: the constant-0.008 beta schedule).
+
+    Args:
+        z_normalized (`torch.Tensor` of shape `(B, D)`): z_sem normalised with the training set's statistics.
+        timesteps (`torch.Tensor` of shape `(B,)`, integers): uniform in `[0, num_train_timesteps)`.
+        noise (`torch.Tensor` of shape `(B, D)`): standard Gaussian noise.
+        noise_scheduler: a diffusers scheduler with `add_noise`.
+        reduction (`str`): `"mean"` (a scalar) or `"none"` (shape `(B,)`).
     """
     z_t = noise_scheduler.add_noise(z_normalized, noise, timesteps)
     pred = denoiser(z_t, timesteps).sample
