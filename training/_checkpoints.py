@@ -235,7 +235,9 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: Dict[str, An
         _fsync_tree(temporary)
         _replace(temporary, final, output_dir)  # the same step may be saved again after a resume
         if total_limit is not None and total_limit > 0:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
+            # The checkpoint just written stays even when newer steps exist (a resume from an older checkpoint).
+            others = [path for path in list_checkpoints(output_dir) if path != final]
+            for old in others[: max(0, len(others) + 1 - total_limit)]:
                 shutil.rmtree(old, ignore_errors=True)
         for name in os.listdir(output_dir):  # leftovers of runs killed mid-save
             if name.startswith((".tmp-", ".trash-")):

@@ -392,6 +392,7 @@ def main(argv=None) -> int:
 
     from diffusers_diffae import AttributeClassifier
 
+    # 0. the trained autoencoder and the accelerator (the heads train on the main process; encoding is shared)
     pipe = _models.load_autoencoder(args)
     accelerator = _common.make_accelerator()
 

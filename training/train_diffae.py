@@ -319,6 +319,7 @@ def export(args, configs, module, folder: str, notes: str) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    # 0. the checkpoint to resume from and the model configs, checked before any data
     resume_checkpoint = _checkpoints.resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     resume_state = _checkpoints.read_training_state(resume_checkpoint)
     configs = _models.diffae_configs(args)

@@ -115,6 +115,7 @@ def sample_grid(args, pipe, denoiser, ema) -> tuple:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    # 0. the trained autoencoder, the denoiser's config and the latent noise schedule, checked before any data
     pipe = _models.load_autoencoder(args)
     resume_checkpoint = _checkpoints.resolve_resume_checkpoint(args.resume_from_checkpoint, args.checkpoint_dir)
     resume_state = _checkpoints.read_training_state(resume_checkpoint)
