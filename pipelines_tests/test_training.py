@@ -691,3 +691,37 @@ def test_checkpoint_selection_skips_incomplete_folders(tmp_path):
         _checkpoints.resolve_resume_checkpoint("checkpoint-12", str(tmp_path))
     with pytest.raises(_common.TrainingInputError, match="no such checkpoint folder"):
         _checkpoints.resolve_resume_checkpoint(str(tmp_path / "checkpoint-99"), str(tmp_path))
+
+
+def test_checkpoint_rotation_keeps_the_checkpoint_just_written(tmp_path):
+    """--checkpoints_total_limit prunes only after the new checkpoint is complete, and never prunes that one, even
+    when a resume from an older checkpoint writes steps below those already in the folder."""
+    from accelerate import PartialState
+
+    class OneProcess:
+        is_main_process = True
+
+        def wait_for_everyone(self):
+            pass
+
+        def save_state(self, folder):
+            Path(folder, "model.safetensors").write_bytes(b"weights")
+
+    _reset_accelerate()
+    PartialState()  # the checkpoint module logs through accelerate
+    try:
+        for step in (2, 8, 10):
+            _checkpoints.save_checkpoint(OneProcess(), str(tmp_path), step, {"global_step": step}, total_limit=2)
+        assert [Path(c).name for c in _checkpoints.list_checkpoints(str(tmp_path))] == [
+            "checkpoint-8",
+            "checkpoint-10",
+        ]
+        # Resumed from an older checkpoint: its next checkpoint stays although checkpoint-8 and 10 are newer.
+        _checkpoints.save_checkpoint(OneProcess(), str(tmp_path), 6, {"global_step": 6}, total_limit=2)
+        assert [Path(c).name for c in _checkpoints.list_checkpoints(str(tmp_path))] == [
+            "checkpoint-6",
+            "checkpoint-10",
+        ]
+        assert not list(tmp_path.glob(".tmp-*")) and not list(tmp_path.glob(".trash-*"))
+    finally:
+        _reset_accelerate()
