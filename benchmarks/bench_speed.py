@@ -358,7 +358,7 @@ def bench_fidelity(fixture_dir: str, log, steps: int = 10) -> Dict:
     images = (x0 + 1) / 2
     with torch.no_grad():
         ref = pipe.encode(images, num_inference_steps=steps)
-        ref_pixels = pipe.denoise(ref.z_sem, ref.x_T, steps)
+        ref_pixels = pipe.decode(ref.z_sem, ref.x_T, steps, output_type="latent").images
         t = pipe.scheduler.timesteps[0]  # the first decoding step's timestep
         eps_ref = pipe.unet(ref.x_T, t, ref.z_sem).sample
     out = {"steps": steps, "images": int(x0.shape[0]), "scale": "pixel values in [-1, 1]"}
@@ -367,9 +367,9 @@ def bench_fidelity(fixture_dir: str, log, steps: int = 10) -> Dict:
         p = copy.deepcopy(pipe)
         p.set_memory_format(torch.channels_last if variant["channels_last"] else torch.contiguous_format)
         with torch.no_grad(), autocast("cpu", variant):
-            decoded = p.denoise(ref.z_sem, ref.x_T, steps).float()
+            decoded = p.decode(ref.z_sem, ref.x_T, steps, output_type="latent").images.float()
             latents = p.encode(images, num_inference_steps=steps)
-            round_trip = p.denoise(latents.z_sem, latents.x_T, steps).float()
+            round_trip = p.decode(latents.z_sem, latents.x_T, steps, output_type="latent").images.float()
             eps = p.unet(as_format(ref.x_T, variant), t, ref.z_sem).sample.float()
         out[vname] = {
             "eps_relative_rms": ((eps - eps_ref).pow(2).mean() / eps_ref.pow(2).mean()).sqrt().item(),

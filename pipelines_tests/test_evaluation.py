@@ -66,7 +66,7 @@ def _baseline(pipe):
 
 
 def test_codes_and_decodes_are_the_pipelines_own_with_and_without_z_sem():
-    """The evaluation inverts and decodes with the public `invert` / `denoise` of the pipeline and of the DDIM
+    """The evaluation inverts and decodes with the public `invert` / `decode` of the pipeline and of the DDIM
     baseline (a pipeline whose UNet has no z_sem), so its DiffAE and baseline rows run the same loops."""
     pipe, generator = _pipeline(), torch.Generator().manual_seed(1)
     baseline = _baseline(pipe)
@@ -79,21 +79,21 @@ def test_codes_and_decodes_are_the_pipelines_own_with_and_without_z_sem():
     x_T = evaluation.x_T(4)
     assert torch.equal(evaluation.z_sem, z) and torch.equal(x_T, pipe.invert(x0, z, 4))
     decoded = evaluation.decode(x_T, z, 4)
-    assert torch.equal(decoded, ((pipe.denoise(z, x_T, 4) + 1) / 2).clamp(0, 1))
+    assert torch.equal(decoded, ((pipe.decode(z, x_T, 4, output_type="latent").images + 1) / 2).clamp(0, 1))
     # The baseline: same loops, no z_sem.
     x_T_base = evaluation.baseline_x_T(4)
     assert torch.equal(x_T_base, baseline.invert(x0, None, 4))
     assert x_T_base.shape == x0.shape and not torch.allclose(x_T_base, x_T)
     base_decoded = evaluation.decode(x_T_base, None, 3, baseline=True)
-    assert torch.equal(base_decoded, ((baseline.denoise(None, x_T_base, 3) + 1) / 2).clamp(0, 1))
+    assert torch.equal(base_decoded, ((baseline.decode(None, x_T_base, 3, output_type="latent").images + 1) / 2).clamp(0, 1))
     assert base_decoded.shape == (2, 3, 16, 16) and 0 <= base_decoded.min() and base_decoded.max() <= 1
-    fresh = baseline.denoise(None, None, 3, batch_size=2, generator=torch.Generator().manual_seed(0))
+    fresh = baseline.decode(None, None, 3, batch_size=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
     assert fresh.shape == (2, 3, 16, 16) and fresh.abs().max() <= 1.0 + 1e-6
     with pytest.raises(ValueError, match="DDIM baseline without z_sem"):
         baseline.invert(x0, z, 2)
     with pytest.raises(ValueError, match="batch size"):
-        baseline.denoise(None, None, 2)
-    for run_without_z_sem in (lambda: pipe.denoise(None, x_T, 2), lambda: pipe.invert(x0, None, 2)):
+        baseline.decode(None, None, 2, output_type="latent").images
+    for run_without_z_sem in (lambda: pipe.decode(None, x_T, 2, output_type="latent").images, lambda: pipe.invert(x0, None, 2)):
         with pytest.raises(ValueError, match=rf"z_sem must have shape \(B, {Z}\)"):  # DiffAE needs its z_sem
             run_without_z_sem()
 
@@ -530,7 +530,7 @@ def test_bundled_ddim_baseline_is_the_bundled_decoder_without_z_sem():
 
     pipe = DiffAEPipeline.from_pretrained(BUNDLED_MODEL)
     baseline = load_baseline(str(ASSETS / "ddim-emoji32-baseline"), pipe)
-    assert isinstance(baseline, DiffAEPipeline) and baseline.encoder is None  # invert / denoise with z_sem=None
+    assert isinstance(baseline, DiffAEPipeline) and baseline.encoder is None  # invert / decode with z_sem=None
 
     def public(config):
         return {k: v for k, v in dict(config).items() if not k.startswith("_")}

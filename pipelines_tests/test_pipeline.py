@@ -1,6 +1,7 @@
 """DiffAEPipeline: official parity, the inversion/decoding maths, every method and every error."""
 
 import math
+from unittest import mock
 
 import numpy as np
 import PIL.Image
@@ -75,8 +76,8 @@ def test_decode_random_noise_and_latent_sampling_match_official(official):
     torch.testing.assert_close(image * 2 - 1, outputs["latent.sample.image"], atol=5e-3, rtol=0)
 
 
-def test_fast_default_layout_stays_within_fp32_tolerance(official):
-    """channels_last (the pipeline default from 64 px up) vs the official contiguous layout: the same fp32 maths,
+def test_fast_default_layout_stays_within_fp32_tolerance(official, tmp_path):
+    """channels_last (`from_pretrained`'s default from 64 px up) vs the official contiguous layout: the same fp32 maths,
     summed in another order. Bounds: z_sem 1e-5, x_T 5e-4, decoded pixels (range 2) 1e-3 max / 1e-4 mean
     (measured on this fixture: 6e-5 and 2.2e-4 / 1.4e-5, docs/results/speed.md)."""
     pipe, inputs, _ = official
@@ -84,7 +85,10 @@ def test_fast_default_layout_stays_within_fp32_tolerance(official):
     weights = [p for p in list(pipe.unet.parameters()) + list(pipe.encoder.parameters()) if p.ndim == 4]
     assert weights and all(w.is_contiguous() for w in weights)
     big = DiffAEPipeline(tiny_unet(sample_size=64), tiny_encoder(sample_size=64), *official_schedulers()[:2])
-    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in big.unet.parameters() if p.ndim == 4)
+    assert all(p.is_contiguous() for p in big.unet.parameters())  # models passed in keep their layout
+    big.save_pretrained(tmp_path)
+    loaded = DiffAEPipeline.from_pretrained(tmp_path)  # the loaded ones get the default layout
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in loaded.unet.parameters() if p.ndim == 4)
 
     def run():
         latents = pipe.encode((inputs["x0"] + 1) / 2, num_inference_steps=10)
@@ -170,13 +174,23 @@ def test_round_trip_error_shrinks_with_steps(oracle_pipe):
 
 @pytest.mark.parametrize(
     "scheduler_cls, steps",
-    [(DDIMScheduler, 50), (DPMSolverMultistepScheduler, 25), (UniPCMultistepScheduler, 25), (EulerDiscreteScheduler, 50), (DDPMScheduler, 200)],
+    [
+        (DDIMScheduler, 50),
+        (DPMSolverMultistepScheduler, 25),
+        (UniPCMultistepScheduler, 25),
+        (EulerDiscreteScheduler, 50),
+        (DDPMScheduler, 200),
+    ],
 )
 def test_swapped_schedulers_sample_the_data_distribution(oracle_pipe, scheduler_cls, steps):
-    pipe = DiffAEPipeline(**{**oracle_pipe.components, "scheduler": scheduler_cls.from_config(oracle_pipe.scheduler.config)})
+    pipe = DiffAEPipeline(
+        **{**oracle_pipe.components, "scheduler": scheduler_cls.from_config(oracle_pipe.scheduler.config)}
+    )
     pipe.set_progress_bar_config(disable=True)
     z_sem = torch.zeros(16, pipe.encoder.config.out_channels)
-    images = pipe.decode(z_sem, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    images = pipe.decode(
+        z_sem, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="pt"
+    ).images
     x = (images * 2 - 1).flatten(1)
     nearest = torch.cdist(x.double(), pipe.unet.means.double()).min(dim=1).values / math.sqrt(x.shape[1])
     assert nearest.max() < 0.2, f"{scheduler_cls.__name__}: samples are not near the data (rms {nearest.max():.3f})"
@@ -231,11 +245,15 @@ def test_decode_output_types_generators_and_callback(pipe):
     z_sem = torch.randn(2, Z)
     pt = pipe.decode(z_sem, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert pt.shape == (2, 3, 16, 16) and 0 <= pt.min() and pt.max() <= 1
-    np_images = pipe.decode(z_sem, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+    np_images = pipe.decode(
+        z_sem, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
     np.testing.assert_allclose(np_images, pt.permute(0, 2, 3, 1).numpy(), atol=1e-6)
     pil = pipe.decode(z_sem, num_inference_steps=3, output_type="pil").images
     assert len(pil) == 2 and pil[0].size == (16, 16)
-    (tuple_images,) = pipe.decode(z_sem, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt", return_dict=False)
+    (tuple_images,) = pipe.decode(
+        z_sem, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt", return_dict=False
+    )
     assert torch.equal(tuple_images, pt)
     # one generator per image: image i depends only on generator i (the paper's stochastic variations, Fig. 3)
     gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
@@ -255,7 +273,9 @@ def test_decode_output_types_generators_and_callback(pipe):
 
 def test_decode_variations_differ_but_share_semantics(pipe):
     z_sem = torch.randn(1, Z).repeat(2, 1)
-    images = pipe.decode(z_sem, num_inference_steps=3, generator=torch.Generator().manual_seed(5), output_type="pt").images
+    images = pipe.decode(
+        z_sem, num_inference_steps=3, generator=torch.Generator().manual_seed(5), output_type="pt"
+    ).images
     assert not torch.equal(images[0], images[1])
 
 
@@ -264,9 +284,15 @@ def test_interpolate_endpoints_are_the_reconstructions(pipe):
     la, lb = pipe.encode(a, 4), pipe.encode(b, 4)
     frames = pipe.interpolate(la, lb, num_frames=5, num_inference_steps=4, output_type="pt").images
     assert frames.shape == (5, 3, 16, 16)
-    torch.testing.assert_close(frames[0], pipe.decode(la.z_sem, la.x_T, 4, output_type="pt").images[0], atol=1e-4, rtol=0)
-    torch.testing.assert_close(frames[-1], pipe.decode(lb.z_sem, lb.x_T, 4, output_type="pt").images[0], atol=1e-4, rtol=0)
-    from_images = pipe.interpolate(a, b, num_frames=5, num_inference_steps=4, encode_num_inference_steps=4, output_type="pt").images
+    torch.testing.assert_close(
+        frames[0], pipe.decode(la.z_sem, la.x_T, 4, output_type="pt").images[0], atol=1e-4, rtol=0
+    )
+    torch.testing.assert_close(
+        frames[-1], pipe.decode(lb.z_sem, lb.x_T, 4, output_type="pt").images[0], atol=1e-4, rtol=0
+    )
+    from_images = pipe.interpolate(
+        a, b, num_frames=5, num_inference_steps=4, encode_num_inference_steps=4, output_type="pt"
+    ).images
     torch.testing.assert_close(from_images, frames)
 
 
@@ -313,12 +339,16 @@ def test_edit_to_a_target_confidence_and_with_raw_or_continuous_directions(pipe)
     latents = pipe.encode(_images(3), num_inference_steps=3)
     capture = _Capture(pipe)
     pipe.edit(latents, attribute="smile", target_logit=2.5)
-    torch.testing.assert_close(pipe.classifier(capture.calls[-1][0]).logits[:, 0], torch.full((3,), 2.5), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        pipe.classifier(capture.calls[-1][0]).logits[:, 0], torch.full((3,), 2.5), atol=1e-4, rtol=0
+    )
     pipe.edit(latents, attribute="smile", target_probability=0.9)
     probability = torch.sigmoid(pipe.classifier(capture.calls[-1][0]).logits[:, 0])
     torch.testing.assert_close(probability, torch.full((3,), 0.9), atol=1e-4, rtol=0)
     pipe.edit(latents, attribute="age", target_logit=-1.0)  # continuous regression head: target value
-    torch.testing.assert_close(pipe.classifier(capture.calls[-1][0]).logits[:, 1], torch.full((3,), -1.0), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        pipe.classifier(capture.calls[-1][0]).logits[:, 1], torch.full((3,), -1.0), atol=1e-4, rtol=0
+    )
     direction = torch.randn(Z)
     pipe.edit(latents, direction=direction, strength=torch.tensor([0.0, 0.5, 1.0]))
     z_n = pipe.classifier.normalize_z_sem(capture.calls[-1][0]) - pipe.classifier.normalize_z_sem(latents.z_sem)
@@ -339,21 +369,49 @@ def test_edit_to_a_target_confidence_and_with_raw_or_continuous_directions(pipe)
 
 
 def test_edit_decodes_real_images(pipe):
-    out = pipe.edit(_images(2), attribute="smile", strength=0.5, num_inference_steps=3, encode_num_inference_steps=3, output_type="np")
+    out = pipe.edit(
+        _images(2),
+        attribute="smile",
+        strength=0.5,
+        num_inference_steps=3,
+        encode_num_inference_steps=3,
+        output_type="np",
+    )
     assert out.images.shape == (2, 16, 16, 3)
 
 
 def test_unconditional_and_conditional_sampling(pipe):
-    images = pipe(batch_size=3, num_inference_steps=3, latent_num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    images = pipe(
+        batch_size=3,
+        num_inference_steps=3,
+        latent_num_inference_steps=3,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
     assert images.shape == (3, 3, 16, 16)
-    again = pipe.sample(batch_size=3, num_inference_steps=3, latent_num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    again = pipe.sample(
+        batch_size=3,
+        num_inference_steps=3,
+        latent_num_inference_steps=3,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
     assert torch.equal(images, again)
     clf = pipe.classifier
     torch.nn.init.normal_(clf.linear.weight)
-    z = pipe.sample_z_sem_with_attribute(6, "smile", min_probability=0.5, num_inference_steps=3, generator=torch.Generator().manual_seed(1))
+    z = pipe.sample_z_sem_with_attribute(
+        6, "smile", min_probability=0.5, num_inference_steps=3, generator=torch.Generator().manual_seed(1)
+    )
     assert z.shape == (6, Z)
     assert (torch.sigmoid(clf(z).logits[:, 0]) >= 0.5).all()
-    images = pipe(batch_size=2, num_inference_steps=2, latent_num_inference_steps=3, attribute="smile", generator=torch.Generator().manual_seed(2), output_type="pt").images
+    images = pipe(
+        batch_size=2,
+        num_inference_steps=2,
+        latent_num_inference_steps=3,
+        attribute="smile",
+        generator=torch.Generator().manual_seed(2),
+        output_type="pt",
+    ).images
     assert images.shape == (2, 3, 16, 16)
 
 
@@ -363,7 +421,9 @@ def test_rejection_sampling_follows_d2c(pipe):
     torch.nn.init.normal_(clf.linear.weight, std=0.3)
     z_all = pipe.sample_z_sem(400, 3, generator=torch.Generator().manual_seed(3))
     p_all = torch.sigmoid(clf(z_all).logits[:, 0])
-    z = pipe.sample_z_sem_with_attribute(40, "smile", min_probability=0.0, num_inference_steps=3, generator=torch.Generator().manual_seed(4))
+    z = pipe.sample_z_sem_with_attribute(
+        40, "smile", min_probability=0.0, num_inference_steps=3, generator=torch.Generator().manual_seed(4)
+    )
     p = torch.sigmoid(clf(z).logits[:, 0])
     assert p.mean() > p_all.mean()
 
@@ -440,7 +500,7 @@ def test_missing_components_are_errors():
 def test_latent_output_is_the_sampler_result(pipe):
     z, x_T = torch.randn(2, Z), torch.randn(2, 3, 16, 16)
     latent = pipe.decode(z, x_T, num_inference_steps=3, output_type="latent").images
-    assert torch.equal(latent, pipe.denoise(z, x_T, num_inference_steps=3))
+    assert torch.equal(latent, pipe.decode(z, x_T, num_inference_steps=3, output_type="latent").images)
     assert pipe.num_timesteps == 3
     images = pipe.decode(z, x_T, num_inference_steps=3, output_type="pt").images
     assert torch.allclose(images, (latent / 2 + 0.5).clamp(0, 1))
@@ -455,3 +515,39 @@ def test_one_generator_per_image_reproduces_each_image_alone(pipe):
     batch, alone = sample([3, 4]), sample([4])
     assert not torch.allclose(batch[0], batch[1])
     assert torch.allclose(batch[1], alone[0], atol=1e-5)
+
+
+def test_exact_inversion_reconstructs_far_better_than_ddim(oracle_pipe):
+    x0 = oracle_pipe.unet.sample_data(32, torch.Generator().manual_seed(1))
+    errors = {}
+    # Tight clusters make the exact x_T far from the image (a hard case): allow iterations until 1e-4.
+    options = {"ddim": {}, "exact": {"inversion_iterations": 20, "inversion_tolerance": 1e-4}}
+    for inversion in ("ddim", "exact"):
+        latents = oracle_pipe.encode((x0 + 1) / 2, num_inference_steps=10, inversion=inversion, **options[inversion])
+        recon = oracle_pipe.decode(latents.z_sem, latents.x_T, 10, output_type="pt").images * 2 - 1
+        errors[inversion] = ((recon - x0).norm() / x0.norm()).item()
+    assert errors["exact"] < errors["ddim"] / 10, errors
+    assert errors["exact"] < 0.01, errors
+
+
+def test_exact_inversion_calls_and_tolerance(oracle_pipe):
+    x0 = oracle_pipe.unet.sample_data(4, torch.Generator().manual_seed(2))
+    z_sem = oracle_pipe.encoder(x0).z_sem
+    calls = []
+    unet_forward = oracle_pipe.unet.forward
+    with mock.patch.object(
+        oracle_pipe.unet, "forward", side_effect=lambda *a, **k: calls.append(1) or unet_forward(*a, **k)
+    ):
+        oracle_pipe.invert(x0, z_sem, 5, inversion="exact", inversion_iterations=3)
+        assert len(calls) == 15  # num_inference_steps * inversion_iterations
+        calls.clear()
+        oracle_pipe.invert(x0, z_sem, 5, inversion="exact", inversion_iterations=50, inversion_tolerance=1e-3)
+        assert 5 < len(calls) < 250  # converged steps stop early
+    for kwargs, message in [
+        ({"inversion": "newton"}, "inversion must be 'ddim' or 'exact'"),
+        ({"inversion": "exact", "inversion_iterations": 0}, "inversion_iterations must be an int >= 1"),
+        ({"inversion": "exact", "inversion_tolerance": -1.0}, "inversion_tolerance must be a number >= 0"),
+        ({"inversion": "exact", "inversion_tolerance": float("nan")}, "inversion_tolerance must be a number >= 0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            oracle_pipe.invert(x0, z_sem, 5, **kwargs)

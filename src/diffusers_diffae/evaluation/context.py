@@ -163,7 +163,7 @@ class Evaluation:
         out = []
         for s in self.batches(len(x_T)):
             z = None if z_sem is None else z_sem[s].to(device, dtype)
-            x0 = pipe.denoise(z, x_T[s].to(device, dtype), steps)
+            x0 = pipe.decode(z, x_T[s].to(device, dtype), steps, output_type="latent").images
             out.append(((x0.float().cpu() + 1) / 2).clamp(0, 1))
         return torch.cat(out)
 

@@ -139,7 +139,7 @@ def load_pipeline(path: str) -> DiffAEPipeline:
 def load_baseline(path: str, pipe: DiffAEPipeline) -> DiffAEPipeline:
     """The paper's DDIM baseline as a `DiffAEPipeline` without encoder: a UNet without z_sem (`z_sem_channels=None`)
     from `path/unet_ema`, `path/unet` or `path` (a training checkpoint, a saved DDIMPipeline folder, a model folder),
-    with the DDIM schedulers saved beside it or, when there are none, copies of `pipe`'s. Its `invert` and `denoise`
+    with the DDIM schedulers saved beside it or, when there are none, copies of `pipe`'s. Its `invert` and `decode`
     take `z_sem=None`."""
     from diffusers import DDIMInverseScheduler, DDIMScheduler
 

@@ -14,6 +14,8 @@ import os
 import tempfile
 from typing import Dict, Optional, Union
 
+import torch
+
 
 # `custom_pipeline="diffae"` resolves to this file; it re-exports the installed class.
 COMMUNITY_PIPELINE_SOURCE = '''"""Diffusion Autoencoders pipeline (community entry point).
@@ -247,6 +249,9 @@ class DiffAELoadingMixin:
         if not trusted and kwargs.get("custom_pipeline") is None:
             load_own_components(folder, model_index, kwargs)
         pipe = super().from_pretrained(folder, **kwargs)
+        # channels_last pays from 64 px up and changes only the order of fp32 sums (docs/results/speed.md); small
+        # models keep the official layout and with it bit for bit the official summation order.
+        pipe.set_memory_format(torch.channels_last if pipe.resolution >= 64 else torch.contiguous_format)
         if folder != name:
             pipe.register_to_config(_name_or_path=name)  # the repo id, not the snapshot folder
         return pipe

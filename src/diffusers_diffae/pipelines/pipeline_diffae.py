@@ -1,17 +1,17 @@
 """DiffAEPipeline. Paper map: semantic encoder §3.2 -> `encode`; stochastic encoder §3.3 -> `invert`; decoder
-§3.1 -> `decode` / `denoise`; interpolation §5.2 -> `interpolate`; manipulation §5.3 and Appendix G -> `edit`;
+§3.1 -> `decode`; interpolation §5.2 -> `interpolate`; manipulation §5.3 and Appendix G -> `edit`;
 latent DDIM §4 and few-shot conditional sampling §5.6 -> `sample_z_sem*` / `__call__`."""
 
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler, DiffusionPipeline, ImagePipelineOutput
+from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..image_processor import DiffAEImageProcessor, ImageInput
 from ..models import AttributeClassifier, DiffAEUNet2DModel, LatentMLPDenoiser, SemanticEncoder
-from ..schedulers import DiffAEInverseScheduler
+from ..schedulers import DiffAEInverseScheduler, exact_inversion
 from .latent_ops import edit_strength_for_target, move_along, rejection_sample, slerp
 from .loading import DiffAELoadingMixin
 from .pipeline_output import DiffAELatents
@@ -22,6 +22,7 @@ from .pipeline_utils import (
     check_direction,
     check_edit_inputs,
     check_eta,
+    check_inversion,
     check_steps,
     check_vectors,
     step_kwargs,
@@ -34,7 +35,7 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
 
     Args:
         unet ([`DiffAEUNet2DModel`]): the conditional noise predictor (decoder). A UNet without z_sem
-            (`z_sem_channels=None`, the paper's DDIM baseline) runs `invert` and `denoise` with `z_sem=None`.
+            (`z_sem_channels=None`, the paper's DDIM baseline) runs `invert` and `decode` with `z_sem=None`.
         encoder ([`SemanticEncoder`]): image -> z_sem (`None` only for the DDIM baseline).
         scheduler ([`SchedulerMixin`]): the decoding sampler; the official sampler is a `DDIMScheduler` with
             "leading" spacing, offset 0, `set_alpha_to_one=True` and x0 clipped to [-1, 1]. Any diffusers scheduler
@@ -62,13 +63,7 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
         classifier: Optional[AttributeClassifier] = None,
     ):
         super().__init__()
-        if not isinstance(inverse_scheduler, DDIMInverseScheduler):
-            raise ValueError(
-                f"inverse_scheduler must be a DiffAEInverseScheduler, got {type(inverse_scheduler).__name__}"
-            )
-        if not isinstance(inverse_scheduler, DiffAEInverseScheduler):
-            # Same config, the official update rule (see DiffAEInverseScheduler).
-            inverse_scheduler = DiffAEInverseScheduler.from_config(inverse_scheduler.config)
+        inverse_scheduler = DiffAEInverseScheduler.from_inverse_scheduler(inverse_scheduler)
         self.register_modules(
             unet=unet,
             encoder=encoder,
@@ -79,9 +74,6 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
             classifier=classifier,
         )
         self.image_processor = DiffAEImageProcessor(num_channels=unet.config.in_channels)
-        # channels_last pays from 64 px up and changes only the order of fp32 sums (docs/results/speed.md); small
-        # models keep the official layout and with it bit for bit the official summation order.
-        self.set_memory_format(torch.channels_last if self.resolution >= 64 else torch.contiguous_format)
 
     @classmethod
     def from_official_configs(cls, configs: Dict, unet, encoder, latent_denoiser=None, classifier=None):
@@ -94,7 +86,8 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
     def set_memory_format(self, memory_format: torch.memory_format = torch.channels_last) -> "DiffAEPipeline":
         """Lays out the UNet's and the encoder's 4-D weights in `memory_format` (in place); activations follow.
 
-        `torch.channels_last` (default from 64 px up) sums fp32 in another order than the official layout."""
+        `torch.channels_last` (the default of `from_pretrained` from 64 px up) sums fp32 in another order than the
+        official layout."""
         if memory_format not in (torch.channels_last, torch.contiguous_format):
             raise ValueError(
                 f"memory_format must be torch.channels_last or torch.contiguous_format, got {memory_format}"
@@ -143,6 +136,7 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
         num_inference_steps: int = 100,
         stochastic: bool = True,
         return_dict: bool = True,
+        **inversion_kwargs,
     ) -> Union[DiffAELatents, tuple]:
         r"""
         Encodes images into the semantic code z_sem and, with `stochastic=True`, the stochastic code x_T.
@@ -151,6 +145,7 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
             images: PIL image(s), numpy array(s) or tensor(s) with values in [0, 1] (see [`DiffAEImageProcessor`]).
             num_inference_steps (`int`): DDIM inversion steps (the official notebooks use 250).
             stochastic (`bool`): also run the stochastic encoder (DDIM inversion conditioned on z_sem).
+            inversion_kwargs: `inversion`, `inversion_iterations`, `inversion_tolerance` of [`~DiffAEPipeline.invert`].
 
         Returns:
             [`DiffAELatents`] with `z_sem` (B, D) and `x_T` (B, C, H, W) (or `None`), or a tuple.
@@ -163,24 +158,45 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
         # 2. semantic encoder
         z_sem = self.encoder(x0).z_sem.to(dtype)
         # 3. stochastic encoder
-        x_T = self.invert(x0.to(dtype), z_sem, num_inference_steps) if stochastic else None
+        x_T = self.invert(x0.to(dtype), z_sem, num_inference_steps, **inversion_kwargs) if stochastic else None
         self.maybe_free_model_hooks()
         if not return_dict:
             return (z_sem, x_T)
         return DiffAELatents(z_sem=z_sem, x_T=x_T)
 
     @torch.no_grad()
-    def invert(self, x0: torch.Tensor, z_sem: Optional[torch.Tensor], num_inference_steps: int = 100) -> torch.Tensor:
+    def invert(
+        self,
+        x0: torch.Tensor,
+        z_sem: Optional[torch.Tensor],
+        num_inference_steps: int = 100,
+        inversion: str = "ddim",
+        inversion_iterations: int = 3,
+        inversion_tolerance: float = 0.0,
+    ) -> torch.Tensor:
         r"""
-        The stochastic encoder (paper Eq. 8): deterministic DDIM run backwards from `x0` (B, C, H, W) in [-1, 1],
-        conditioned on z_sem (B, D) (`None` for a UNet without z_sem), exactly as the official
-        `ddim_reverse_sample_loop` (see [`DiffAEInverseScheduler`]). Returns x_T (B, C, H, W).
+        The stochastic encoder (paper Eq. 8): x_T (B, C, H, W) of `x0` (B, C, H, W) in [-1, 1], conditioned on z_sem
+        (B, D) (`None` for a UNet without z_sem).
+
+        - `inversion="ddim"`: deterministic DDIM run backwards, exactly as the official `ddim_reverse_sample_loop`
+          ([`DiffAEInverseScheduler`]); `num_inference_steps` network calls.
+        - `inversion="exact"`: each step solved so that DDIM decoding (`DDIMScheduler` with the inverse scheduler's
+          config, the official sampler) at the same `num_inference_steps` returns to `x0` up to its x0 clipping
+          ([`~schedulers.exact_inversion.exact_inversion`]); at most `num_inference_steps * inversion_iterations`
+          calls, fewer when every step's residual falls to `inversion_tolerance` (pixels in [-1, 1]).
         """
         check_steps(num_inference_steps, self.inverse_scheduler)
         check_codes(z_sem, x0, self.z_sem_width, self.image_shape)
+        check_inversion(inversion, inversion_iterations, inversion_tolerance)
         device, dtype = self._execution_device, self.unet.dtype
         x = x0.to(device=device, dtype=dtype)
         z_sem = z_sem.to(device=device, dtype=dtype) if z_sem is not None else None
+        if inversion == "exact":
+            decoder = DDIMScheduler.from_config(self.inverse_scheduler.config)
+            return exact_inversion(
+                lambda x_t, t: self.unet(x_t, t, z_sem).sample, decoder, x, num_inference_steps,
+                inversion_iterations, inversion_tolerance, progress_bar=self.progress_bar,
+            )  # fmt: skip
         self.inverse_scheduler.set_timesteps(num_inference_steps, device=device)
         for t in self.progress_bar(self.inverse_scheduler.timesteps):
             eps = self.unet(x, t, z_sem).sample
@@ -188,25 +204,42 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
         return x
 
     @torch.no_grad()
-    def denoise(
+    def decode(
         self,
         z_sem: Optional[torch.Tensor],
         x_T: Optional[torch.Tensor] = None,
         num_inference_steps: int = 100,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         eta: float = 0.0,
+        output_type: str = "pil",
+        return_dict: bool = True,
         callback_on_step_end: Optional[Callable] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         batch_size: Optional[int] = None,
-    ) -> torch.Tensor:
-        """Runs the conditional sampler from x_T (fresh noise when `None`); returns x_0 (B, C, H, W) in [-1, 1].
+    ) -> Union[ImagePipelineOutput, tuple]:
+        r"""
+        Decodes `(z_sem, x_T)` into images with the conditional sampler (paper §3.1).
 
-        z_sem (B, D) is `None` for a UNet without z_sem; `batch_size` is then needed when x_T is `None`.
+        Args:
+            z_sem (`torch.Tensor` of shape `(B, D)`): semantic codes (`None` for a UNet without z_sem).
+            x_T (`torch.Tensor` of shape `(B, C, H, W)`, *optional*): stochastic codes; fresh Gaussian noise when
+                `None` (then `batch_size` fixes B if z_sem is `None`), which gives the variations of the paper's Fig. 3.
+            num_inference_steps (`int`): sampler steps (official notebooks: 20 to reconstruct, 100 to edit).
+            generator: `torch.Generator` (or one per image) for the noise.
+            eta (`float`): DDIM eta (0 = deterministic, as the paper).
+            output_type (`str`): `"pil"`, `"np"` (B, H, W, C) in [0, 1], `"pt"` (B, C, H, W) in [0, 1], or
+                `"latent"`, the sampler's x_0 (B, C, H, W) in [-1, 1].
+            callback_on_step_end: `fn(pipe, step, timestep, tensors) -> dict`, called after each step.
+
+        Returns:
+            [`~diffusers.ImagePipelineOutput`] or `(images,)`.
         """
         # 1. check inputs
         check_steps(num_inference_steps, self.scheduler)
         check_codes(z_sem, x_T, self.z_sem_width, self.image_shape)
         check_eta(eta)
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         if not set(callback_on_step_end_tensor_inputs) <= set(self._callback_tensor_inputs):
             raise ValueError(f"callback_on_step_end_tensor_inputs must be a subset of {self._callback_tensor_inputs}")
         batch_size = check_batch(z_sem, x_T, batch_size, generator)
@@ -215,8 +248,7 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
 
         # 2. prepare x_T
         if x_T is None:
-            shape = (batch_size, self.unet.config.in_channels, self.resolution, self.resolution)
-            x_T = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            x_T = randn_tensor((batch_size, *self.image_shape), generator=generator, device=device, dtype=dtype)
         latents = x_T.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
 
         # 3. denoising loop
@@ -232,44 +264,9 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
                 outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
                 latents = outputs.pop("latents", latents)
                 z_sem = outputs.pop("z_sem", z_sem)
-        return latents
 
-    @torch.no_grad()
-    def decode(
-        self,
-        z_sem: torch.Tensor,
-        x_T: Optional[torch.Tensor] = None,
-        num_inference_steps: int = 100,
-        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
-        eta: float = 0.0,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        callback_on_step_end: Optional[Callable] = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-    ) -> Union[ImagePipelineOutput, tuple]:
-        r"""
-        Decodes `(z_sem, x_T)` into images.
-
-        Args:
-            z_sem (`torch.Tensor` of shape `(B, D)`): semantic codes.
-            x_T (`torch.Tensor` of shape `(B, C, H, W)`, *optional*): stochastic codes; fresh Gaussian noise when
-                `None`, which gives the stochastic variations of the paper's Figure 3.
-            num_inference_steps (`int`): sampler steps (official notebooks: 20 to reconstruct, 100 to edit).
-            generator: `torch.Generator` (or one per image) for the noise.
-            eta (`float`): DDIM eta (0 = deterministic, as the paper).
-            output_type (`str`): `"pil"`, `"np"` (B, H, W, C) in [0, 1], `"pt"` (B, C, H, W) in [0, 1], or
-                `"latent"`, the sampler's x_0 (B, C, H, W) in [-1, 1].
-            callback_on_step_end: `fn(pipe, step, timestep, tensors) -> dict`, called after each step.
-
-        Returns:
-            [`~diffusers.ImagePipelineOutput`] or `(images,)`.
-        """
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
-        x0 = self.denoise(
-            z_sem, x_T, num_inference_steps, generator, eta, callback_on_step_end, callback_on_step_end_tensor_inputs
-        )
-        images = x0 if output_type == "latent" else self.image_processor.postprocess(x0.float(), output_type)
+        # 4. post-process
+        images = latents if output_type == "latent" else self.image_processor.postprocess(latents.float(), output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)

@@ -128,3 +128,11 @@ def check_direction(direction, z_sem_shape) -> torch.Tensor:
     if not torch.isfinite(direction).all() or (direction.norm(dim=-1) == 0).any():
         raise ValueError("direction must be a finite, non-zero vector (every row, for one per image)")
     return direction
+
+
+def check_inversion(inversion: str, iterations: int, tolerance: float) -> None:
+    if inversion not in ("ddim", "exact"):
+        raise ValueError(f"inversion must be 'ddim' or 'exact', got {inversion!r}")
+    check_count("inversion_iterations", iterations)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not tolerance >= 0:
+        raise ValueError(f"inversion_tolerance must be a number >= 0, got {tolerance!r}")

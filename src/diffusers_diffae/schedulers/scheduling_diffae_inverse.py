@@ -28,6 +28,15 @@ class DiffAEInverseScheduler(DDIMInverseScheduler):
     ```
     """
 
+    @classmethod
+    def from_inverse_scheduler(cls, scheduler: DDIMInverseScheduler) -> "DiffAEInverseScheduler":
+        """`scheduler` itself if it is one, else one with its config (folders written before this class existed)."""
+        if isinstance(scheduler, cls):
+            return scheduler
+        if not isinstance(scheduler, DDIMInverseScheduler):
+            raise ValueError(f"inverse_scheduler must be a DiffAEInverseScheduler, got {type(scheduler).__name__}")
+        return cls.from_config(scheduler.config)
+
     def clipped_epsilon(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor) -> torch.Tensor:
         """eps re-derived from the clipped x0 of `sample` (B, C, H, W) at level `timestep`, in the official order.
 

@@ -1,0 +1,95 @@
+"""Exact inversion of DDIM decoding by fixed-point refinement of each step (in the spirit of AIDI / ReNoise).
+
+DDIM inversion approximates the noise at level t by the noise predicted one level lower, so decoding its x_T only
+approximately returns the image. Here each step instead solves for the `x` that the decoder's own step maps onto
+the lower level, `decoder.step(eps(x, t), t, x).prev_sample == target`. With eps held fixed that step is affine in
+x with slope `sqrt(alpha_bar_prev / alpha_bar_t)`: each network call gives one Newton step on that slope, and
+Anderson mixing of the last two iterates cancels most of the remaining linear error.
+"""
+
+from typing import Callable, Optional, Tuple
+
+import torch
+from diffusers import DDIMScheduler
+
+
+def _alpha_bars(decoder: DDIMScheduler, timestep: int) -> Tuple[float, float]:
+    """alpha_bar at `timestep` and at the level the decoder's step from it lands on."""
+    previous = timestep - decoder.config.num_train_timesteps // decoder.num_inference_steps
+    alpha_prev = decoder.alphas_cumprod[previous] if previous >= 0 else decoder.final_alpha_cumprod
+    return float(decoder.alphas_cumprod[timestep]), float(alpha_prev)
+
+
+@torch.no_grad()
+def invert_step(
+    eps_fn: Callable[[torch.Tensor], torch.Tensor],
+    decoder: DDIMScheduler,
+    timestep: int,
+    target: torch.Tensor,
+    eps: Optional[torch.Tensor] = None,
+    num_iterations: int = 3,
+    tolerance: float = 0.0,
+) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    r"""
+    Finds x (B, C, H, W) at level `timestep` with `decoder.step(eps_fn(x), timestep, x).prev_sample == target`.
+
+    Args:
+        eps_fn: the noise predictor at `timestep`, x -> eps (B, C, H, W).
+        decoder: the `DDIMScheduler` that decodes, after `set_timesteps` (eta 0, eps re-derived from the clipped x0
+            as the official sampler does).
+        target: what this decoding step must output (B, C, H, W); the image itself for the last decoding step.
+        eps: a guess of eps at the solution (the previous step's last prediction); `None` evaluates it at `target`,
+            which counts as one of the `num_iterations` calls.
+        num_iterations (`int`): network calls for this step.
+        tolerance (`float`): stop early once the largest |step(x) - target| of the batch is at most this.
+
+    Returns:
+        `(x, eps at the last evaluated iterate, network calls made)`.
+    """
+    alpha, alpha_prev = _alpha_bars(decoder, timestep)
+    slope = (alpha_prev / alpha) ** 0.5
+    calls = 0
+    if eps is None:
+        eps, calls = eps_fn(target), 1
+    x, history = target, None
+    exact_pair = calls == 1  # whether eps was evaluated at x (a guess is not, so it cannot join the mixing)
+    for iteration in range(calls, num_iterations + 1):
+        residual = decoder.step(eps, timestep, x, use_clipped_model_output=True).prev_sample - target
+        if exact_pair and residual.abs().max() <= tolerance:
+            break  # eps was evaluated at x, so x solves the step within the tolerance
+        newton = x - residual / slope
+        x_next = newton
+        if history is not None:
+            # Anderson(1): the mix of the last two Newton images that cancels the linear part of their residuals.
+            f, f_prev = (newton - x).flatten(1), (history[1] - history[0]).flatten(1)
+            theta = (f * (f - f_prev)).sum(1) / ((f - f_prev) ** 2).sum(1).clamp_min(1e-30)
+            x_next = newton - theta.view(-1, *([1] * (x.ndim - 1))) * (newton - history[1])
+        history = (x, newton) if exact_pair else None
+        x = x_next
+        if iteration == num_iterations:
+            break
+        eps, exact_pair = eps_fn(x), True
+        calls += 1
+    return x, eps, calls
+
+
+@torch.no_grad()
+def exact_inversion(
+    eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    decoder: DDIMScheduler,
+    x0: torch.Tensor,
+    num_inference_steps: int,
+    num_iterations: int = 3,
+    tolerance: float = 0.0,
+    progress_bar=iter,
+) -> torch.Tensor:
+    r"""
+    x_T (B, C, H, W) that `decoder` with `num_inference_steps` steps decodes back into `x0` (B, C, H, W) in [-1, 1],
+    up to where the decoder clips x0. `eps_fn(x, t)` is the conditional noise predictor. Costs at most
+    `num_inference_steps * num_iterations` network calls (DDIM inversion: `num_inference_steps`).
+    """
+    decoder.set_timesteps(num_inference_steps, device=x0.device)
+    x, eps = x0, None
+    for t in progress_bar(decoder.timesteps.flip(0)):
+        x, eps, _ = invert_step(lambda v: eps_fn(v, t), decoder, int(t), x, eps, num_iterations, tolerance)
+    return x
