@@ -44,6 +44,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
+
 DEFAULT_USER = "fake-user"
 MAX_BODY_BYTES = 512 * 1024 * 1024  # refuse larger request bodies instead of reading them
 REPO_TYPES = ("model", "dataset", "space")

@@ -9,11 +9,11 @@ import PIL.Image
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny import Z, tiny_pipeline
 
 from diffusers_diffae import AttributeClassifier
 from diffusers_diffae.cli import main
 from diffusers_diffae.image_utils import image_grid, to_pil
+from tiny import Z, tiny_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,9 @@ def test_training_loss_reproduces_official_mse(converted, fixture_io, prefix):
         noise_scheduler.add_noise(inputs["x0"], inputs["noise"], inputs["t"]), inputs["x_t"], atol=1e-5, rtol=0
     )
     with torch.no_grad():
-        loss = diffae_loss(pipe.unet, pipe.encoder, inputs["x0"], inputs["t"], inputs["noise"], noise_scheduler, "none")
+        loss = diffae_loss(
+            pipe.unet, pipe.encoder, inputs["x0"], inputs["t"], inputs["noise"], noise_scheduler, "none"
+        )
     torch.testing.assert_close(loss, outputs[f"{prefix}.train_loss_mse"], atol=1e-5, rtol=1e-5)
 
 
@@ -80,7 +82,19 @@ def test_statistics_and_schedulers_follow_the_official_config(converted, officia
 
 def test_cli_writes_a_loadable_pipeline_folder(tmp_path, official_dir, converted, fixture_io):
     out = tmp_path / "converted"
-    assert main(["--checkpoint", str(official_dir / "last.ckpt"), "--config", str(official_dir / "config.json"), "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(official_dir / "last.ckpt"),
+                "--config",
+                str(official_dir / "config.json"),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     for name in ("model_index.json", "diffae.py", "unet/diffusion_pytorch_model.safetensors",
                  "encoder/diffusion_pytorch_model.safetensors", "latent_denoiser/diffusion_pytorch_model.safetensors",
                  "scheduler/scheduler_config.json", "inverse_scheduler/scheduler_config.json",
@@ -118,7 +132,10 @@ def _meta_state(path, kind):
     return state
 
 
-@pytest.mark.parametrize("resolution, autoenc, latent", [("128", "ffhq128_autoenc_130M", "ffhq128_autoenc_latent"), ("256", "ffhq256_autoenc", "ffhq256_autoenc_latent")])
+@pytest.mark.parametrize(
+    "resolution, autoenc, latent",
+    [("128", "ffhq128_autoenc_130M", "ffhq128_autoenc_latent"), ("256", "ffhq256_autoenc", "ffhq256_autoenc_latent")],
+)
 def test_every_key_of_full_releases_is_converted(official_dir, resolution, autoenc, latent):
     keys_file = official_dir / f"keys_ffhq{resolution}.txt"
     for kind, config in (("autoenc", autoenc), ("latent", latent)):
@@ -159,7 +176,9 @@ def test_unknown_and_missing_keys_are_errors(official_dir, fixture_state):
     with pytest.raises(ValueError, match="does not match the config"):
         convert_official_state_dict(fixture_state, _fixture_configs(official_dir, net_ch=64))
     with pytest.raises(ValueError, match="no 'ema_model"):
-        convert_official_state_dict({k: v for k, v in fixture_state.items() if not k.startswith("ema_model.")}, configs)
+        convert_official_state_dict(
+            {k: v for k, v in fixture_state.items() if not k.startswith("ema_model.")}, configs
+        )
     corrupted = dict(fixture_state)
     corrupted["ema_model.latent_net.layers.0.cond_layers.1.weight"] = torch.zeros_like(
         fixture_state["ema_model.latent_net.layers.0.linear_emb.weight"]
@@ -271,6 +290,8 @@ def test_official_classifier_checkpoint_converts_into_the_pipeline(tmp_path, off
     torch.save({"state_dict": dict(state, surprise=torch.zeros(1))}, tmp_path / "bad.ckpt")
     with pytest.raises(ValueError, match="unknown key.*surprise"):
         convert_official_classifier(tmp_path / "bad.ckpt")
-    torch.save({"state_dict": {k: v for k, v in state.items() if not k.startswith("conds")}}, tmp_path / "nostats.ckpt")
+    torch.save(
+        {"state_dict": {k: v for k, v in state.items() if not k.startswith("conds")}}, tmp_path / "nostats.ckpt"
+    )
     with pytest.raises(ValueError, match="no conds_mean"):
         convert_official_classifier(tmp_path / "nostats.ckpt")

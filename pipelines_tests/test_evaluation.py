@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMInverseScheduler, DDIMScheduler
-from tiny import ENCODER, UNET, Z
 
 from diffusers_diffae import AttributeClassifier, DiffAEPipeline, DiffAEUNet2DModel, LatentMLPDenoiser, SemanticEncoder
 from diffusers_diffae.evaluation import latent
@@ -25,6 +24,7 @@ from diffusers_diffae.evaluation.suite import (
     run,
 )
 from diffusers_diffae.presets import _ddim_config
+from tiny import ENCODER, UNET, Z
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,15 +85,22 @@ def test_codes_and_decodes_are_the_pipelines_own_with_and_without_z_sem():
     assert torch.equal(x_T_base, baseline.invert(x0, None, 4))
     assert x_T_base.shape == x0.shape and not torch.allclose(x_T_base, x_T)
     base_decoded = evaluation.decode(x_T_base, None, 3, baseline=True)
-    assert torch.equal(base_decoded, ((baseline.decode(None, x_T_base, 3, output_type="latent").images + 1) / 2).clamp(0, 1))
+    assert torch.equal(
+        base_decoded, ((baseline.decode(None, x_T_base, 3, output_type="latent").images + 1) / 2).clamp(0, 1)
+    )
     assert base_decoded.shape == (2, 3, 16, 16) and 0 <= base_decoded.min() and base_decoded.max() <= 1
-    fresh = baseline.decode(None, None, 3, batch_size=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    fresh = baseline.decode(
+        None, None, 3, batch_size=2, generator=torch.Generator().manual_seed(0), output_type="latent"
+    ).images
     assert fresh.shape == (2, 3, 16, 16) and fresh.abs().max() <= 1.0 + 1e-6
     with pytest.raises(ValueError, match="DDIM baseline without z_sem"):
         baseline.invert(x0, z, 2)
     with pytest.raises(ValueError, match="batch size"):
         baseline.decode(None, None, 2, output_type="latent").images
-    for run_without_z_sem in (lambda: pipe.decode(None, x_T, 2, output_type="latent").images, lambda: pipe.invert(x0, None, 2)):
+    for run_without_z_sem in (
+        lambda: pipe.decode(None, x_T, 2, output_type="latent").images,
+        lambda: pipe.invert(x0, None, 2),
+    ):
         with pytest.raises(ValueError, match=rf"z_sem must have shape \(B, {Z}\)"):  # DiffAE needs its z_sem
             run_without_z_sem()
 

@@ -13,7 +13,9 @@ import sys
 
 import pytest
 import yaml
+
 from fake_hub import FakeHub
+
 
 USER = "fake-user"
 PIPELINE_REPO = f"{USER}/diffae-tiny"
@@ -42,9 +44,9 @@ def run_client(workdir: str) -> dict:
     import torch
     from diffusers import DiffusionPipeline
     from huggingface_hub import HfApi, ModelCard, snapshot_download
-    from test_loading import MODEL_COMPONENTS, fixed_codes, make_tiny_pipeline
 
     from diffusers_diffae import DiffAEPipeline
+    from test_loading import MODEL_COMPONENTS, fixed_codes, make_tiny_pipeline
 
     def same_weights(a, b) -> bool:
         sa, sb = a.state_dict(), b.state_dict()
@@ -241,9 +243,8 @@ def test_existing_card_is_kept_on_push(hub_run):
 
 
 def test_model_card_without_hub():
-    from test_loading import make_tiny_pipeline
-
     from diffusers_diffae.hub_utils import create_model_card
+    from test_loading import make_tiny_pipeline
 
     pipe = make_tiny_pipeline()
     card = create_model_card(pipe, "someone/diffae", tags=["faces"], model_description="Trained on nothing.")

@@ -27,6 +27,7 @@ from diffusers_diffae import (
 from diffusers_diffae.pipelines.loading import component_shim_source
 from diffusers_diffae.presets import _ddim_config
 
+
 MODEL_COMPONENTS = ("unet", "encoder", "latent_denoiser", "classifier")
 OWN_COMPONENTS = MODEL_COMPONENTS + ("inverse_scheduler",)
 DIFFUSERS_COMPONENTS = ("scheduler", "latent_scheduler")

@@ -6,10 +6,10 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from peft import LoraConfig
-from tiny import ENCODER, LATENT, UNET, Z, tiny_classifier, tiny_encoder, tiny_latent, tiny_unet
 
 from diffusers_diffae import DiffAEUNet2DModel, LatentMLPDenoiser, SemanticEncoder, preset_config
 from diffusers_diffae.presets import OFFICIAL_CONFIGS, official_component_configs
+from tiny import ENCODER, LATENT, UNET, Z, tiny_classifier, tiny_encoder, tiny_latent, tiny_unet
 
 
 def n_params(model):
@@ -59,7 +59,10 @@ def test_save_load_round_trip_bit_identical(tmp_path):
         assert original.keys() == reloaded.keys()
         for key in original:
             assert torch.equal(original[key], reloaded[key]), key
-        public = lambda m: {k: v for k, v in json.loads(m.to_json_string()).items() if not k.startswith("_")}
+
+        def public(m):
+            return {k: v for k, v in json.loads(m.to_json_string()).items() if not k.startswith("_")}
+
         assert public(loaded) == public(model)
     assert torch.equal(SemanticEncoder.from_pretrained(tmp_path / "SemanticEncoder").z_sem_std, models[1].z_sem_std)
 
@@ -93,7 +96,14 @@ def test_official_parameter_counts(official_dir):
     fixture = json.loads((official_dir / "config.json").read_text())
     configs = official_component_configs(fixture)
     with torch.device("meta"):
-        parts = [cls.from_config(configs[k]) for cls, k in ((DiffAEUNet2DModel, "unet"), (SemanticEncoder, "encoder"), (LatentMLPDenoiser, "latent_denoiser"))]
+        parts = [
+            cls.from_config(configs[k])
+            for cls, k in (
+                (DiffAEUNet2DModel, "unet"),
+                (SemanticEncoder, "encoder"),
+                (LatentMLPDenoiser, "latent_denoiser"),
+            )
+        ]
     counts = fixture["param_counts"]
     assert n_params(parts[1]) == counts["encoder"]
     assert n_params(parts[2]) == counts["latent_net"]
@@ -149,7 +159,9 @@ def test_lora_adapter_trains_only_adapter_and_round_trips(tmp_path):
     unet = tiny_unet()
     x, z = torch.randn(2, 3, 16, 16), torch.randn(2, Z)
     base = unet(x, 100, z).sample
-    config = LoraConfig(r=2, lora_alpha=2, target_modules=["conv1", "conv2", "to_q", "to_v", "z_sem_proj"], init_lora_weights=False)
+    config = LoraConfig(
+        r=2, lora_alpha=2, target_modules=["conv1", "conv2", "to_q", "to_v", "z_sem_proj"], init_lora_weights=False
+    )
     unet.add_adapter(config, adapter_name="style")
     trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)

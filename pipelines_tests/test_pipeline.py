@@ -17,11 +17,11 @@ from diffusers import (
 )
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from safetensors.torch import load_file
-from tiny import Z, official_schedulers, tiny_encoder, tiny_pipeline, tiny_unet
 
 from diffusers_diffae import DiffAELatents, DiffAEPipeline
 from diffusers_diffae.convert import convert_official_checkpoint
 from diffusers_diffae.pipelines import edit_strength_for_target, slerp
+from tiny import Z, official_schedulers, tiny_encoder, tiny_pipeline, tiny_unet
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -255,8 +255,11 @@ def test_decode_output_types_generators_and_callback(pipe):
         z_sem, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt", return_dict=False
     )
     assert torch.equal(tuple_images, pt)
+
     # one generator per image: image i depends only on generator i (the paper's stochastic variations, Fig. 3)
-    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
+    def gens(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
     a = pipe.decode(z_sem, num_inference_steps=3, generator=gens([1, 2]), output_type="pt").images
     b = pipe.decode(z_sem, num_inference_steps=3, generator=gens([1, 3]), output_type="pt").images
     assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])

@@ -6,6 +6,7 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler
 from diffusers_diffae import AttributeClassifier, DiffAEPipeline, DiffAEUNet2DModel, LatentMLPDenoiser, SemanticEncoder
 from diffusers_diffae.presets import official_component_configs
 
+
 Z = 16  # z_sem width of the tiny models
 
 UNET = dict(
@@ -19,7 +20,12 @@ UNET = dict(
     dropout=0.0,
 )
 ENCODER = dict(
-    sample_size=16, model_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,), out_channels=Z
+    sample_size=16,
+    model_channels=8,
+    channel_mult=(1, 2, 2),
+    num_res_blocks=1,
+    attention_resolutions=(8,),
+    out_channels=Z,
 )
 LATENT = dict(num_channels=Z, hidden_channels=32, num_layers=3)
 
@@ -50,7 +56,9 @@ def tiny_latent(seed: int = 2) -> LatentMLPDenoiser:
 
 def tiny_classifier(seed: int = 3) -> AttributeClassifier:
     torch.manual_seed(seed)
-    return AttributeClassifier(num_channels=Z, attribute_names=["smile", "age"], attribute_types=["binary", "continuous"]).eval()
+    return AttributeClassifier(
+        num_channels=Z, attribute_names=["smile", "age"], attribute_types=["binary", "continuous"]
+    ).eval()
 
 
 def official_schedulers():

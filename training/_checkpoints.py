@@ -16,8 +16,9 @@ import uuid
 import warnings
 from typing import Any, Dict, Iterator, List, Optional
 
-from _common import TrainingInputError, write_pipeline_card
 from accelerate.logging import get_logger
+
+from _common import TrainingInputError, write_pipeline_card
 
 
 logger = get_logger(__name__)

@@ -22,8 +22,9 @@ from typing import Any, Optional
 import numpy as np
 import PIL.Image
 import torch
-from _common import TrainingInputError
 from accelerate.logging import get_logger
+
+from _common import TrainingInputError
 
 
 logger = get_logger(__name__)

@@ -10,6 +10,7 @@ import os
 from typing import Dict, Optional, Sequence
 
 import torch
+
 from _common import TrainingInputError
 
 

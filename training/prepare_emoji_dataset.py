@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
+from PIL import Image
+
 from _emoji_attributes import HAIR_TYPES, SKIN_TONE_NAMES, SKIN_TONES, emoji_attributes
 from _emoji_sources import PACKAGES, SPRITE_SIZE, download_package, extract_package, find_package_root
-from PIL import Image
 
 
 logger = logging.getLogger("prepare_emoji_dataset")

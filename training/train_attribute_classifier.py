@@ -23,15 +23,16 @@ import math
 import os
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate.logging import get_logger
+
 import _checkpoints
 import _common
 import _data
 import _models
-import numpy as np
-import torch
-import torch.nn.functional as F
 from _common import TrainingInputError
-from accelerate.logging import get_logger
 
 
 logger = get_logger("train_attribute_classifier")

@@ -23,14 +23,15 @@ import os
 import shutil
 import time
 
+import torch
+from accelerate.logging import get_logger
+from torch import nn
+
 import _checkpoints
 import _common
 import _data
 import _models
-import torch
 from _common import TrainingInputError
-from accelerate.logging import get_logger
-from torch import nn
 
 
 logger = get_logger("train_diffae")

@@ -17,13 +17,14 @@ import argparse
 import logging
 import os
 
+import torch
+from accelerate.logging import get_logger
+
 import _checkpoints
 import _common
 import _data
 import _models
-import torch
 from _common import TrainingInputError
-from accelerate.logging import get_logger
 
 
 logger = get_logger("train_latent_ddim")

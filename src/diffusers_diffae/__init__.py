@@ -2,6 +2,7 @@
 
 from diffusers import ConfigMixin, ModelMixin, SchedulerMixin  # noqa: F401  (see models/__init__.py)
 
+from .image_processor import DiffAEImageProcessor
 from .models import (
     CELEBAHQ_ATTRIBUTES,
     AttributeClassifier,
@@ -13,10 +14,10 @@ from .models import (
     SemanticEncoder,
     SemanticEncoderOutput,
 )
-from .image_processor import DiffAEImageProcessor
 from .pipelines import DiffAELatents, DiffAEPipeline
 from .presets import OFFICIAL_CONFIGS, official_component_configs, preset_config
 from .schedulers import DiffAEInverseScheduler
+
 
 __version__ = "0.1.0"
 

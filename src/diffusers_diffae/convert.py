@@ -24,6 +24,7 @@ import torch
 from .models import CELEBAHQ_ATTRIBUTES, AttributeClassifier, DiffAEUNet2DModel, LatentMLPDenoiser, SemanticEncoder
 from .presets import official_component_configs
 
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -130,7 +131,9 @@ def load_official_file(path: PathLike) -> dict:
         reason = str(e)
         if not reason.isprintable() or len(reason) > 200:  # the unpickler quotes raw bytes of a random file
             reason = "its bytes are not a pickle"
-        raise ValueError(f"{path} is not a torch.save checkpoint that can be read: {type(e).__name__}: {reason}") from e
+        raise ValueError(
+            f"{path} is not a torch.save checkpoint that can be read: {type(e).__name__}: {reason}"
+        ) from e
     if not isinstance(obj, dict):
         raise ValueError(f"{path} does not hold a dict (found {type(obj).__name__}); not an official DiffAE file")
     return obj
@@ -227,7 +230,9 @@ def _split_qkv(tensor: torch.Tensor, num_heads: int) -> List[torch.Tensor]:
     return [grouped[:, i].reshape(channels, *tensor.shape[1:]) for i in range(3)]
 
 
-def _convert_module(kind: str, sub: str, tensor: torch.Tensor, target: str, num_heads: int) -> List[Tuple[str, torch.Tensor]]:
+def _convert_module(
+    kind: str, sub: str, tensor: torch.Tensor, target: str, num_heads: int
+) -> List[Tuple[str, torch.Tensor]]:
     """Translates one official tensor (`sub` = its key below the module) to diffusers key(s)."""
     if kind in ("plain", "alias"):
         return [(f"{target}.{sub}", tensor)]
@@ -321,7 +326,9 @@ def convert_official_state_dict(state: Dict[str, torch.Tensor], configs: dict, u
     prefix, other = ("ema_model.", "model.") if use_ema else ("model.", "ema_model.")
     weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not weights:
-        raise ValueError(f"the checkpoint has no '{prefix}*' weights" + (" (try use_ema=False / --no-ema)" if use_ema else ""))
+        raise ValueError(
+            f"the checkpoint has no '{prefix}*' weights" + (" (try use_ema=False / --no-ema)" if use_ema else "")
+        )
     with torch.device("meta"):  # shapes only: the models are not materialised here
         unet = DiffAEUNet2DModel.from_config(configs["unet"])
         encoder = SemanticEncoder.from_config(configs["encoder"])
@@ -372,7 +379,15 @@ def convert_official_classifier(checkpoint: PathLike, use_ema: bool = False) -> 
     state = load_official_file(checkpoint)
     state = state.get("state_dict", state)
     prefix = "ema_classifier." if use_ema else "classifier."
-    known = {"x_T", "conds_mean", "conds_std", "classifier.weight", "classifier.bias", "ema_classifier.weight", "ema_classifier.bias"}
+    known = {
+        "x_T",
+        "conds_mean",
+        "conds_std",
+        "classifier.weight",
+        "classifier.bias",
+        "ema_classifier.weight",
+        "ema_classifier.bias",
+    }
     unknown = sorted(k for k in state if k not in known)
     if unknown:
         raise ValueError(f"unknown key(s) in the classifier checkpoint: {unknown[:5]}")
@@ -385,7 +400,9 @@ def convert_official_classifier(checkpoint: PathLike, use_ema: bool = False) -> 
     if weight.ndim != 2 or bias.shape != (weight.shape[0],):
         raise ValueError(f"classifier weights have unexpected shapes {tuple(weight.shape)} / {tuple(bias.shape)}")
     count = weight.shape[0]
-    names = list(CELEBAHQ_ATTRIBUTES) if count == len(CELEBAHQ_ATTRIBUTES) else [f"attribute_{i}" for i in range(count)]
+    names = (
+        list(CELEBAHQ_ATTRIBUTES) if count == len(CELEBAHQ_ATTRIBUTES) else [f"attribute_{i}" for i in range(count)]
+    )
     classifier = AttributeClassifier(num_channels=weight.shape[1], attribute_names=names)
     classifier.linear.load_state_dict({"weight": weight, "bias": bias})
     classifier.set_z_sem_statistics(*stats)
@@ -475,7 +492,11 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     args = parser.parse_args(None if argv is None else list(argv))
     try:
         convert_official_checkpoint(
-            args.checkpoint, args.config, args.output, use_ema=not args.no_ema, latent_stats=args.latent_stats,
+            args.checkpoint,
+            args.config,
+            args.output,
+            use_ema=not args.no_ema,
+            latent_stats=args.latent_stats,
             classifier=args.classifier,
         )
     except (ValueError, FileNotFoundError, pickle.UnpicklingError) as e:

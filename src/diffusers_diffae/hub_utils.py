@@ -11,6 +11,7 @@ from typing import List, Optional, Union
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
+
 PAPER_TITLE = "Diffusion Autoencoders: Toward a Meaningful and Decodable Representation"
 PAPER_URL = "https://arxiv.org/abs/2111.15640"
 OFFICIAL_CODE_URL = "https://github.com/phizaz/diffae"

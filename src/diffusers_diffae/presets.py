@@ -19,6 +19,7 @@ import json
 import os
 from typing import Any, Dict, Optional, Union
 
+
 # Defaults of the official `TrainConfig` for every field used here (config.py), plus `autoenc_base()`.
 _TRAIN_CONFIG_DEFAULTS: Dict[str, Any] = {
     "model_name": "beatgans_autoenc",

@@ -11,6 +11,7 @@ from .latent_mlp import LatentMLPDenoiser, LatentMLPDenoiserOutput
 from .semantic_encoder import SemanticEncoder, SemanticEncoderOutput
 from .unet_diffae import DiffAEUNet2DModel, DiffAEUNet2DOutput
 
+
 __all__ = [
     "AttributeClassifier",
     "AttributeClassifierOutput",

@@ -12,6 +12,7 @@ from torch import nn
 from .checks import check_vector_batch
 from .statistics import ZSemStatisticsMixin
 
+
 # Official `CelebAttrDataset.id_to_cls` order of the 40 CelebA-HQ attributes of the released `*_cls` heads.
 CELEBAHQ_ATTRIBUTES = [
     "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips", "Big_Nose",

@@ -175,7 +175,10 @@ class DiffAEDownBlock2D(_CheckpointedBlock):
         super().__init__()
         kwargs = dict(temb_channels=temb_channels, z_sem_channels=z_sem_channels, dropout=dropout, zero_init=zero_init)
         self.resnets = nn.ModuleList(
-            [DiffAEResBlock(in_channels if i == 0 else out_channels, out_channels, **kwargs) for i in range(num_layers)]
+            [
+                DiffAEResBlock(in_channels if i == 0 else out_channels, out_channels, **kwargs)
+                for i in range(num_layers)
+            ]
         )
         self.attentions = (
             nn.ModuleList([attention_block(out_channels, num_heads) for _ in range(num_layers)])

@@ -14,6 +14,7 @@ from torch import nn
 from .checks import check_vector_batch, timesteps_for_batch
 from .statistics import ZSemStatisticsMixin
 
+
 _ACTIVATIONS = {
     "none": nn.Identity,
     "relu": nn.ReLU,
