@@ -18,6 +18,8 @@ import PIL.Image
 import torch
 from accelerate.logging import get_logger
 
+from diffusers_diffae.image_utils import image_grid as diffae_image_grid
+
 
 logger = get_logger(__name__)
 
@@ -345,17 +347,9 @@ def deadline_passed(accelerator, deadline: float) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def image_grid(images: torch.Tensor, nrow: int, padding: int = 2) -> PIL.Image.Image:
-    """`(N, C, H, W)` floats in [0, 1] -> one PIL image with `nrow` images per row."""
-    images = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    n, c, h, w = images.shape
-    rows = math.ceil(n / nrow)
-    grid = np.full((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), 255, dtype=np.uint8)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        top, left = padding + r * (h + padding), padding + col * (w + padding)
-        grid[top : top + h, left : left + w] = images[i].transpose(1, 2, 0)
-    return PIL.Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
+def image_grid(images: torch.Tensor, nrow: int) -> PIL.Image.Image:
+    """`(N, C, H, W)` floats in [0, 1] -> one PIL image with `nrow` images per row, 2 white pixels apart."""
+    return diffae_image_grid(list(images.split(nrow)), padding=2, num_columns=nrow)
 
 
 def save_validation_images(accelerator, grids: Dict[str, PIL.Image.Image], folder: str, step: int) -> List[str]:

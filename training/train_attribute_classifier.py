@@ -33,6 +33,7 @@ import _common
 import _data
 import _models
 from _common import TrainingInputError
+from diffusers_diffae.evaluation import metrics
 
 
 logger = get_logger("train_attribute_classifier")
@@ -149,21 +150,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def binary_auroc(scores, labels) -> float:
-    """Area under the ROC curve as the Mann-Whitney statistic: the probability that a random positive scores above a
-    random negative, ties counting one half (average ranks). NaN when one class is missing."""
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    """`metrics.auroc` (Mann-Whitney, ties count one half), NaN when one class is missing so the report keeps its row."""
     labels = np.asarray(labels).astype(bool).reshape(-1)
-    if scores.shape != labels.shape:
-        raise ValueError(f"scores and labels differ in length ({scores.size} vs {labels.size})")
-    num_pos = int(labels.sum())
-    num_neg = labels.size - num_pos
-    if num_pos == 0 or num_neg == 0:
+    if labels.all() or not labels.any():
         return float("nan")
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    average_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based mean rank of each tie group
-    ranks = average_rank[inverse]
-    u_statistic = ranks[labels].sum() - num_pos * (num_pos + 1) / 2.0
-    return float(u_statistic / (num_pos * num_neg))
+    return metrics.auroc(np.asarray(scores, dtype=np.float64).reshape(-1), labels)
 
 
 def regression_metrics(prediction: np.ndarray, target: np.ndarray) -> Dict[str, float]:
