@@ -197,3 +197,25 @@ def test_image_grid_layout():
     grey = image_grid(list(torch.full((3, 1, 2, 2), 0.5).split(2)), padding=2, num_columns=2)
     assert grey.mode == "L" and grey.size == (10, 10) and np.asarray(grey)[2, 2] == 128
     assert [image.size for image in to_pil(torch.rand(2, 3, 5, 4))] == [(4, 5), (4, 5)]
+
+
+def test_exact_inversion_flag_reaches_the_pipeline(tmp_path, model_dir, samples_dir):
+    from safetensors.torch import load_file
+
+    from diffusers_diffae import DiffAEPipeline
+
+    images = [str(samples_dir / "e0.png")]
+    base = ["--model", str(model_dir), "--steps", "2"]
+    for inversion in ("ddim", "exact"):
+        output = tmp_path / f"{inversion}.safetensors"
+        assert main(["encode", *base, "--images", *images, "--inversion", inversion, "--output", str(output)]) == 0
+    pipe = DiffAEPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe.encode(PIL.Image.open(images[0]), num_inference_steps=2, inversion="exact").x_T
+    assert torch.equal(load_file(tmp_path / "exact.safetensors")["x_T"], expected)
+    assert not torch.equal(load_file(tmp_path / "ddim.safetensors")["x_T"], expected)
+    for command in ("reconstruct", "edit --attribute is_woman", "interpolate"):
+        name, *flags = command.split()
+        inputs = images * 2 if name == "interpolate" else images
+        args = [name, *base, "--images", *inputs, *flags, "--inversion", "exact", "--output", str(tmp_path / name)]
+        assert main(args) == 0 and any((tmp_path / name).iterdir())

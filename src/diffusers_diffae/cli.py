@@ -263,11 +263,22 @@ def _write_index(out: Path, sections, numbers, steps, seconds) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def encode_images(pipe, args, images=None):
+    """The images' codes with the stochastic encoder the flags choose (`--inversion`, `--inversion_iterations`)."""
+    images = load_images(args.images) if images is None else images
+    return pipe.encode(
+        images,
+        num_inference_steps=args.steps,
+        inversion=args.inversion,
+        inversion_iterations=args.inversion_iterations,
+    )
+
+
 def run_encode(args) -> int:
     from safetensors.torch import save_file
 
     pipe = load_pipeline(args.model)
-    latents = pipe.encode(load_images(args.images), num_inference_steps=args.steps)
+    latents = encode_images(pipe, args)
     save_file({"z_sem": latents.z_sem.contiguous(), "x_T": latents.x_T.contiguous()}, args.output)
     print(f"wrote z_sem {tuple(latents.z_sem.shape)} and x_T {tuple(latents.x_T.shape)} to {args.output}")
     return 0
@@ -291,7 +302,7 @@ def run_decode(args) -> int:
 
 def run_reconstruct(args) -> int:
     pipe = load_pipeline(args.model)
-    latents = pipe.encode(load_images(args.images), num_inference_steps=args.steps)
+    latents = encode_images(pipe, args)
     return _save_all(pipe.decode(latents.z_sem, latents.x_T, args.steps).images, args.output, "reconstruction")
 
 
@@ -299,16 +310,14 @@ def run_interpolate(args) -> int:
     if len(args.images) != 2:
         raise SystemExit("error: interpolate takes exactly two --images")
     pipe = load_pipeline(args.model)
-    a, b = load_images(args.images)
-    frames = pipe.interpolate(
-        a, b, num_frames=args.frames, num_inference_steps=args.steps, encode_num_inference_steps=args.steps
-    ).images
+    a, b = (encode_images(pipe, args, [image]) for image in load_images(args.images))
+    frames = pipe.interpolate(a, b, num_frames=args.frames, num_inference_steps=args.steps).images
     return _save_all(frames, args.output, "frame")
 
 
 def run_edit(args) -> int:
     pipe = load_pipeline(args.model)
-    latents = pipe.encode(load_images(args.images), num_inference_steps=args.steps)
+    latents = encode_images(pipe, args)
     for strength in args.strengths:
         images = pipe.edit(latents, attribute=args.attribute, strength=strength, num_inference_steps=args.steps).images
         _save_all(images, args.output, f"{args.attribute}_{strength:+.2f}")
@@ -345,6 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0, help="random seed")
         if images:
             p.add_argument("--images", nargs="+", required=True, help="input image files")
+            p.add_argument(
+                "--inversion",
+                choices=("ddim", "exact"),
+                default="ddim",
+                help="stochastic encoder: the official DDIM inversion, or exact inversion of the DDIM decoder "
+                "(--steps x --inversion_iterations network calls)",
+            )
+            p.add_argument(
+                "--inversion_iterations", type=int, default=3, help="network calls per step of --inversion exact"
+            )
         return p
 
     p = command("demo", "run the demo on the bundled model and images", run_demo)
