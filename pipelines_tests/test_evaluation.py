@@ -552,3 +552,18 @@ def test_bundled_ddim_baseline_is_the_bundled_decoder_without_z_sem():
     ddim.set_progress_bar_config(disable=True)
     image = ddim(batch_size=1, num_inference_steps=2, output_type="np", generator=torch.manual_seed(0)).images
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+
+
+def test_exact_inversion_option_reaches_every_inverted_code(tmp_path):
+    argv = _section_argv(tmp_path, "reconstruction", "--steps", "2", "--features", "none", "--train_split", "")
+    ddim = run(build_parser().parse_args(argv))
+    exact = run(build_parser().parse_args(argv + ["--inversion", "exact", "--inversion_iterations", "2"]))
+    assert ddim["inversion"] == {"inversion": "ddim", "inversion_iterations": 3}
+    assert exact["inversion"] == {"inversion": "exact", "inversion_iterations": 2}
+    assert ddim["pipeline"] == str(tmp_path / "pipe")  # as given, not made absolute
+    mse = [
+        next(row["mse"] for row in result["reconstruction"]["rows"] if row["model"] == "DiffAE (inverted x_T)")
+        for result in (ddim, exact)
+    ]
+    assert mse[0] != mse[1]
+    assert "x_T by exact inversion (2 network calls per step)" in (tmp_path / "out" / "evaluation.md").read_text()

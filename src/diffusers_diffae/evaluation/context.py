@@ -68,6 +68,7 @@ class Evaluation:
         lpips: Optional[Callable] = None,
         lpips_reason: Optional[str] = None,
         feature_cache: Optional[str] = None,
+        inversion: Optional[Dict] = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -78,6 +79,7 @@ class Evaluation:
         self.features, self.features_name, self.features_reason = features, features_name, features_reason
         self.lpips, self.lpips_reason = lpips, lpips_reason
         self.feature_cache = feature_cache
+        self.inversion = inversion or {}  # keyword arguments of DiffAEPipeline.invert: how x_T is inferred
         self._z_sem: Optional[torch.Tensor] = None
         self._x_T: Dict[int, torch.Tensor] = {}
         self._baseline_x_T: Dict[int, torch.Tensor] = {}
@@ -121,7 +123,7 @@ class Evaluation:
         out = []
         for s in self.batches(len(x0)):
             z = None if z_sem is None else z_sem[s].to(device, dtype)
-            out.append(pipe.invert(x0[s].to(device, dtype), z, steps).float().cpu())
+            out.append(pipe.invert(x0[s].to(device, dtype), z, steps, **self.inversion).float().cpu())
         return torch.cat(out)
 
     def x_T(self, steps: int) -> torch.Tensor:

@@ -234,11 +234,16 @@ def markdown(results: Dict, title: str, plot_name: Optional[str], grid_name: Opt
     """The Markdown report: the header, the table of claims, then one part per section that ran."""
     env = results.get("environment", {})
     subset = f"; only examples with `{results['subset']}`" if results.get("subset") else ""
+    inv = results.get("inversion") or {}
+    inversion = ""
+    if inv.get("inversion", "ddim") != "ddim":
+        inversion = f"x_T by {inv['inversion']} inversion ({inv.get('inversion_iterations')} network calls per step). "
     lines = [
         f"# {title}",
         "",
         f"Pipeline `{results.get('pipeline')}`; baseline `{results.get('baseline')}`; "
         f"dataset `{results.get('dataset')}` (split `{results.get('split')}`{subset}), {results.get('resolution')} px. Seed {results.get('seed')}. "
+        f"{inversion}"
         f"torch {env.get('torch')}, {env.get('cpu')}, {env.get('threads')} threads; {results.get('runtime_s')} s.",
         "",
     ]

@@ -120,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default=None, help="Title of the Markdown report (default: the pipeline folder name).")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"Comma-separated subset of {', '.join(SECTIONS)}.")
     p.add_argument("--steps", default="10,20,50,100", help="Comma-separated numbers of DDIM steps T.")
+    p.add_argument(
+        "--inversion",
+        choices=("ddim", "exact"),
+        default="ddim",
+        help="How x_T is inferred: the official DDIM inversion or exact inversion of the DDIM decoder "
+        "(DiffAEPipeline.invert).",
+    )
+    p.add_argument("--inversion_iterations", type=int, default=3, help="Network calls per step of --inversion exact.")
     p.add_argument("--max_images", type=int, default=64, help="Test images to use (seeded random subset).")
     p.add_argument(
         "--max_train_images", type=int, default=256, help="Images of --train_split (probes, latent section)."
@@ -272,14 +280,16 @@ def run(args: argparse.Namespace, features: Optional[Callable] = None, features_
         lpips = LPIPSDistance(args.lpips_net, device=args.device)
     except MetricUnavailable as e:
         lpips_reason = str(e)
+    inversion = {"inversion": args.inversion, "inversion_iterations": args.inversion_iterations}
     evaluation = Evaluation(
         pipe, data, baseline, train_data, args.batch_size, args.seed, features, features_name, features_reason,
-        lpips, lpips_reason, args.feature_cache,
+        lpips, lpips_reason, args.feature_cache, inversion,
     )  # fmt: skip
-    results: Dict = {
-        "pipeline": os.path.abspath(args.pipeline),
-        "baseline": os.path.abspath(args.baseline) if args.baseline else None,
-        "dataset": os.path.abspath(args.dataset),
+    results: Dict = {  # paths as given: a report must not carry the build machine's folders
+        "pipeline": args.pipeline,
+        "baseline": args.baseline,
+        "dataset": args.dataset,
+        "inversion": inversion,
         "split": args.split,
         "subset": args.subset,
         "resolution": pipe.unet.config.sample_size,
