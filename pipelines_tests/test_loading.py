@@ -336,3 +336,8 @@ def test_broken_folder_names_the_component(saved_dir, tmp_path, breakage, error,
     breakage(folder)
     with pytest.raises(error, match=message):
         DiffAEPipeline.from_pretrained(folder)
+
+
+def test_wrong_variant_gives_diffusers_error(saved_dir):
+    with pytest.raises(ValueError, match="variant=fp17"):
+        DiffAEPipeline.from_pretrained(saved_dir, variant="fp17")
