@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     lines = [
         "# DDIM inversion vs exact inversion",
         "",
-        f"Measured by `python benchmarks/bench_inversion.py --dataset <emoji32> --num_images {args.num_images}` on "
+        f"Measured by `python benchmarks/bench_inversion.py --dataset {args.dataset} --num_images {args.num_images}` on "
         f"{cpu} ({torch.get_num_threads()} threads), torch {torch.__version__}.",
         "",
         f"## `{args.pipeline}`: {len(images)} held-out images of split `{args.split}`",
