@@ -182,7 +182,7 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
           ([`DiffAEInverseScheduler`]); `num_inference_steps` network calls.
         - `inversion="exact"`: each step solved so that DDIM decoding (`DDIMScheduler` with the inverse scheduler's
           config, the official sampler) at the same `num_inference_steps` returns to `x0` up to its x0 clipping
-          ([`~schedulers.exact_inversion.exact_inversion`]); at most `num_inference_steps * inversion_iterations`
+          ([`~schedulers.fixed_point_inversion.exact_inversion`]); at most `num_inference_steps * inversion_iterations`
           calls, fewer when every step's residual falls to `inversion_tolerance` (pixels in [-1, 1]).
         """
         check_steps(num_inference_steps, self.inverse_scheduler)

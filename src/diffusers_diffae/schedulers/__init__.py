@@ -6,7 +6,7 @@ named in `model_index.json`.
 
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
 
-from .exact_inversion import exact_inversion
+from .fixed_point_inversion import exact_inversion
 from .scheduling_diffae_inverse import DiffAEInverseScheduler
 
 
