@@ -219,3 +219,17 @@ def test_exact_inversion_flag_reaches_the_pipeline(tmp_path, model_dir, samples_
         inputs = images * 2 if name == "interpolate" else images
         args = [name, *base, "--images", *inputs, *flags, "--inversion", "exact", "--output", str(tmp_path / name)]
         assert main(args) == 0 and any((tmp_path / name).iterdir())
+
+
+def test_decompression_bomb_is_one_line_naming_the_file(tmp_path, model_dir):
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)  # claims 20000 x 20000 RGB
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    with pytest.raises(SystemExit, match=r"cannot read image .*bomb\.png: .*exceeds limit"):
+        main(["reconstruct", "--model", str(model_dir), "--images", str(bomb), "--output", str(tmp_path / "o")])

@@ -341,3 +341,9 @@ def test_broken_folder_names_the_component(saved_dir, tmp_path, breakage, error,
 def test_wrong_variant_gives_diffusers_error(saved_dir):
     with pytest.raises(ValueError, match="variant=fp17"):
         DiffAEPipeline.from_pretrained(saved_dir, variant="fp17")
+
+
+def test_image_background_is_saved_and_can_be_overridden(saved_dir):
+    assert DiffAEPipeline.load_config(saved_dir)["image_background"] == 255
+    assert DiffAEPipeline.from_pretrained(saved_dir).image_processor.background == 255
+    assert DiffAEPipeline.from_pretrained(saved_dir, image_background=0).image_processor.background == 0

@@ -554,3 +554,26 @@ def test_exact_inversion_calls_and_tolerance(oracle_pipe):
     ]:
         with pytest.raises(ValueError, match=message):
             oracle_pipe.invert(x0, z_sem, 5, **kwargs)
+
+
+def test_every_pil_mode_is_read_as_it_shows(pipe, tmp_path):
+    # 16-bit grayscale: half of 65535 is mid-grey, not white (Pillow's convert("RGB") clips it at 255)
+    grey16 = PIL.Image.fromarray(np.full((16, 16), 32768, dtype=np.uint16))
+    grey16.save(tmp_path / "grey16.png")
+    with PIL.Image.open(tmp_path / "grey16.png") as image:
+        assert image.mode in ("I;16", "I")
+        x = pipe.preprocess(image)
+    torch.testing.assert_close(x, torch.full_like(x, 32768 / 65535 * 2 - 1))
+    # transparency is composited on the pipeline's background (white by default, as the training images)
+    rgba = np.zeros((16, 16, 4), dtype=np.uint8)
+    rgba[:8, :, :] = (255, 0, 0, 255)  # opaque red top half, fully transparent bottom half
+    image = PIL.Image.fromarray(rgba, "RGBA")
+    x = (pipe.preprocess(image) + 1) / 2
+    assert torch.equal(x[0, :, 8:], torch.ones(3, 8, 16))  # transparent: white
+    red = torch.tensor([1.0, 0.0, 0.0])[:, None, None].expand(3, 8, 16)
+    assert torch.equal(x[0, :, :8], red)  # opaque: as it is
+    black = DiffAEPipeline(**{**pipe.components, "image_background": 0})
+    assert torch.equal((black.preprocess(image) + 1)[0, :, 8:] / 2, torch.zeros(3, 8, 16))
+    palette = image.convert("P")
+    palette.info["transparency"] = palette.getpixel((0, 15))
+    assert torch.equal((pipe.preprocess(palette) + 1)[0, :, 8:] / 2, torch.ones(3, 8, 16))

@@ -56,8 +56,9 @@ def load_images(paths: Sequence[str]) -> List[PIL.Image.Image]:
     for path in paths:
         try:
             with PIL.Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except (OSError, PIL.UnidentifiedImageError) as e:
+                image.load()  # the pipeline reads every mode (16-bit, transparency) itself
+                images.append(image)
+        except (OSError, PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError) as e:
             raise SystemExit(f"error: cannot read image {path}: {e}") from e
     if not images:
         raise SystemExit("error: no images given")

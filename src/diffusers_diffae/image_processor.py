@@ -24,13 +24,19 @@ class DiffAEImageProcessor(VaeImageProcessor):
     (`Resize(size)` + `CenterCrop(size)`: the shorter side to `size`, bilinear with antialiasing when shrinking,
     then the centre).
 
+    PIL images of every mode are read as what they show: 16-bit ones (`I;16`, `I`) are scaled from 0..65535, not
+    clipped at 255, and transparent pixels (RGBA, LA, palette transparency) are composited on `background`, the
+    grey level the model's training images were composited on.
+
     Args:
         num_channels (`int`): 3 for RGB models, 1 for grayscale ones.
+        background (`int`): 0..255 grey level under transparent pixels (255: white).
     """
 
-    def __init__(self, num_channels: int = 3):
+    def __init__(self, num_channels: int = 3, background: int = 255):
         super().__init__(vae_scale_factor=1, do_resize=False, do_normalize=True)
         self.num_channels = num_channels
+        self.background = background
 
     def preprocess(self, images: ImageInput, resolution: int) -> torch.Tensor:
         """Images -> (B, C, resolution, resolution) float32 tensor in [-1, 1]; a clear `ValueError` otherwise."""
@@ -48,8 +54,7 @@ class DiffAEImageProcessor(VaeImageProcessor):
     def to_unit_tensor(self, image) -> torch.Tensor:
         """One image or batch -> (B, C, H, W) float32 tensor in [0, 1] on the CPU."""
         if isinstance(image, PIL.Image.Image):
-            converted = image.convert("RGB") if self.num_channels == 3 else image.convert("L")
-            array = np.asarray(converted, dtype=np.float32) / 255.0
+            array = pil_to_array(image, self.num_channels, self.background)
             return torch.from_numpy(array.reshape(*array.shape[:2], -1)).permute(2, 0, 1)[None]
         if isinstance(image, np.ndarray):
             if not np.issubdtype(image.dtype, np.floating):
@@ -85,6 +90,20 @@ class DiffAEImageProcessor(VaeImageProcessor):
                 "for [-1, 1] data pass `(x + 1) / 2`"
             )
         return tensor
+
+
+def pil_to_array(image: PIL.Image.Image, num_channels: int, background: int = 255) -> np.ndarray:
+    """A PIL image of any mode -> (H, W, num_channels) float32 in [0, 1]: 16-bit modes scaled, transparency
+    composited on the grey level `background` (0..255)."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        array = np.asarray(image, dtype=np.float32) / 65535.0  # PIL reads 16-bit PNGs as I;16 or I
+        array = np.clip(array, 0.0, 1.0)[..., None]
+        return np.repeat(array, num_channels, axis=-1) if num_channels == 3 else array
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        flat = PIL.Image.new("RGBA", image.size, (background, background, background, 255))
+        image = PIL.Image.alpha_composite(flat, image.convert("RGBA"))
+    converted = image.convert("RGB") if num_channels == 3 else image.convert("L")
+    return np.asarray(converted, dtype=np.float32).reshape(image.size[1], image.size[0], -1) / 255.0
 
 
 def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -46,6 +46,7 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
         latent_scheduler ([`SchedulerMixin`], *optional*): the latent DDIM sampler (official: constant 0.008 betas).
         classifier ([`AttributeClassifier`], *optional*): linear attribute heads on normalised z_sem, for `edit`
             and conditional `sample`.
+        image_background (`int`): 0..255 grey level transparent input pixels are composited on (255: white).
     """
 
     model_cpu_offload_seq = "encoder->unet"
@@ -61,6 +62,7 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
         latent_denoiser: Optional[LatentMLPDenoiser] = None,
         latent_scheduler: Optional[SchedulerMixin] = None,
         classifier: Optional[AttributeClassifier] = None,
+        image_background: int = 255,
     ):
         super().__init__()
         inverse_scheduler = DiffAEInverseScheduler.from_inverse_scheduler(inverse_scheduler)
@@ -73,7 +75,8 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
             latent_scheduler=latent_scheduler,
             classifier=classifier,
         )
-        self.image_processor = DiffAEImageProcessor(num_channels=unet.config.in_channels)
+        self.register_to_config(image_background=image_background)
+        self.image_processor = DiffAEImageProcessor(unet.config.in_channels, background=image_background)
 
     @classmethod
     def from_official_configs(cls, configs: Dict, unet, encoder, latent_denoiser=None, classifier=None):
