@@ -103,8 +103,8 @@ def test_subcommands_round_trip(tmp_path, model_dir, samples_dir):
     assert len(list((tmp_path / "int").glob("*.png"))) == 3
     assert len(list((tmp_path / "edit").glob("*.png"))) == 2
     # decoding the saved codes reproduces the reconstruction exactly
-    rec = np.asarray(PIL.Image.open(tmp_path / "rec" / "reconstruction_000.png"))
-    dec = np.asarray(PIL.Image.open(tmp_path / "dec" / "decoded_000.png"))
+    rec = np.asarray(PIL.Image.open(tmp_path / "rec" / "e0_reconstruction.png"))
+    dec = np.asarray(PIL.Image.open(tmp_path / "dec" / "e0_decoded.png"))
     assert np.array_equal(rec, dec)
 
 
@@ -233,3 +233,55 @@ def test_decompression_bomb_is_one_line_naming_the_file(tmp_path, model_dir):
     bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
     with pytest.raises(SystemExit, match=r"cannot read image .*bomb\.png: .*exceeds limit"):
         main(["reconstruct", "--model", str(model_dir), "--images", str(bomb), "--output", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("output_is_an_input", "the output .* is one of the inputs"),
+        ("existing_file", "exists; pass --overwrite to replace it"),
+        ("output_names_an_image", "names an image; give a folder"),
+        ("output_is_a_file", "exists and is not a folder"),
+        ("same_stem_twice", "two outputs would both be"),
+        ("one_frame", "--frames must be at least 2"),
+        ("no_samples", "--num must be at least 1"),
+    ],
+)
+def test_outputs_are_checked_before_any_compute(tmp_path, samples_dir, case, message):
+    # --model names no folder: an error about the output proves the check ran before the model was loaded
+    image = tmp_path / "a.png"
+    image.write_bytes((samples_dir / "e0.png").read_bytes())
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.png").write_bytes(image.read_bytes())
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a_reconstruction.png").write_bytes(b"keep me")
+    (tmp_path / "plain_file").write_bytes(b"keep me")
+    base = ["--model", str(tmp_path / "no-model"), "--steps", "2"]
+    argv = {
+        "output_is_an_input": ["encode", *base, "--images", str(image), "--output", str(image)],
+        "existing_file": ["reconstruct", *base, "--images", str(image), "--output", str(tmp_path / "out")],
+        "output_names_an_image": ["reconstruct", *base, "--images", str(image), "--output", str(tmp_path / "r.png")],
+        "output_is_a_file": ["reconstruct", *base, "--images", str(image), "--output", str(tmp_path / "plain_file")],
+        "same_stem_twice": ["reconstruct", *base, "--images", str(image), str(tmp_path / "sub" / "a.png"),
+                            "--output", str(tmp_path / "o")],
+        "one_frame": ["interpolate", *base, "--images", str(image), str(image), "--frames", "1",
+                      "--output", str(tmp_path / "o")],
+        "no_samples": ["sample", *base, "--num", "0", "--output", str(tmp_path / "o")],
+    }[case]  # fmt: skip
+    with pytest.raises(SystemExit, match=message):
+        main(argv)
+    assert (tmp_path / "out" / "a_reconstruction.png").read_bytes() == b"keep me"
+    assert (tmp_path / "plain_file").read_bytes() == b"keep me" and image.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_outputs_are_named_after_inputs_and_values_and_replaced_only_when_asked(tmp_path, model_dir, samples_dir):
+    images = [str(samples_dir / "e0.png"), str(samples_dir / "e1.png")]
+    base = ["--model", str(model_dir), "--steps", "2", "--images", *images]
+    edit = ["edit", *base, "--attribute", "is_woman", "--strengths", "0.301", "0.304", "--output", str(tmp_path)]
+    assert main(edit) == 0
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert names == sorted(f"{s}_is_woman_+{v}.png" for v in ("0.301", "0.304") for s in ("e0", "e1"))
+    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        main(edit)
+    assert main([*edit, "--overwrite"]) == 0
+    assert not list(tmp_path.glob(".*.partial"))  # written through a temporary file and a rename

@@ -10,12 +10,16 @@ diffae edit --model DIR --images a.png --attribute is_woman --strengths -0.5 0.5
 diffae sample --model DIR --num 8 [--attribute ATTR] --output out/
 diffae convert --checkpoint last.ckpt --config ffhq256_autoenc --output DIR
 ```
-`--model` takes any DiffAE pipeline folder or Hub repo id (default: the bundled emoji model).
+`--model` takes any DiffAE pipeline folder or Hub repo id (default: the bundled emoji model). Images are written into
+the `--output` folder, named after their inputs (`a_reconstruction.png`, `a_is_woman_+0.5.png`, ...), through a
+temporary file and a rename; outputs are checked before any compute, and an existing file is replaced only with
+`--overwrite`.
 """
 
 import argparse
 import html
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -275,72 +279,141 @@ def encode_images(pipe, args, images=None):
     )
 
 
+def stems(paths: Sequence[str]) -> List[str]:
+    return [Path(path).stem for path in paths]
+
+
+def planned_files(args, names: Sequence[str], suffix: str = ".png") -> List[Path]:
+    """The files an image command will write into the folder --output, checked before any compute: named after
+    the inputs, none an input, none existing unless --overwrite, the folder creatable."""
+    out = Path(args.output)
+    if out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+        raise SystemExit(f"error: --output {out} names an image; give a folder (images are named after their inputs)")
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --output {out} exists and is not a folder")
+    files = [out / f"{name}{suffix}" for name in names]
+    return check_new_files(args, files)
+
+
+def check_new_files(args, files: List[Path]) -> List[Path]:
+    """Refuses outputs that collide, overwrite an input, or exist (without --overwrite), or whose folder cannot be
+    written, before any compute."""
+    if len(set(files)) != len(files):
+        duplicate = next(f for f in files if files.count(f) > 1)
+        raise SystemExit(f"error: two outputs would both be {duplicate}; give inputs or values with distinct names")
+    inputs = {Path(p).resolve() for p in (getattr(args, "images", None) or []) + [getattr(args, "codes", None) or ""]}
+    for file in files:
+        if file.resolve() in inputs:
+            raise SystemExit(f"error: the output {file} is one of the inputs")
+        if file.exists() and not args.overwrite:
+            raise SystemExit(f"error: {file} exists; pass --overwrite to replace it")
+    folder = files[0].parent if files else Path(args.output)
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise SystemExit(f"error: cannot write into {existing}")
+    return files
+
+
+def write_atomically(save, path: Path) -> None:
+    """`save(temporary_path)`, then a rename: a crash or a full disk never leaves a complete-looking file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(f"error: cannot write {path}: {e.strerror or e}") from e
+
+
+def write_images(images, files: List[Path]) -> int:
+    for image, file in zip(images, files, strict=True):
+        write_atomically(lambda tmp, image=image: image.save(tmp, format="PNG"), file)
+    print(f"wrote {len(files)} images to {files[0].parent}")
+    return 0
+
+
 def run_encode(args) -> int:
     from safetensors.torch import save_file
 
+    (output,) = check_new_files(args, [Path(args.output)])
     pipe = load_pipeline(args.model)
     latents = encode_images(pipe, args)
-    save_file({"z_sem": latents.z_sem.contiguous(), "x_T": latents.x_T.contiguous()}, args.output)
-    print(f"wrote z_sem {tuple(latents.z_sem.shape)} and x_T {tuple(latents.x_T.shape)} to {args.output}")
+    tensors = {"z_sem": latents.z_sem.contiguous(), "x_T": latents.x_T.contiguous()}
+    metadata = {"inputs": json.dumps(stems(args.images))}  # decode names its images after them
+    write_atomically(lambda tmp: save_file(tensors, str(tmp), metadata=metadata), output)
+    print(f"wrote z_sem {tuple(latents.z_sem.shape)} and x_T {tuple(latents.x_T.shape)} to {output}")
     return 0
 
 
 def run_decode(args) -> int:
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     try:
-        codes = load_file(args.codes)
+        with safe_open(args.codes, framework="pt") as f:
+            codes = {key: f.get_tensor(key) for key in f.keys()}
+            names = json.loads((f.metadata() or {}).get("inputs", "null"))
     except Exception as e:  # safetensors raises its own error types for files that are not safetensors
         raise SystemExit(f"error: cannot read codes {args.codes}: {type(e).__name__}: {e}") from e
     if "z_sem" not in codes:
         found = ", ".join(sorted(codes)) or "nothing"
         raise SystemExit(f"error: {args.codes} has no z_sem tensor (found {found}); write it with `diffae encode`")
+    if not isinstance(names, list) or len(names) != codes["z_sem"].shape[0]:
+        names = [f"{Path(args.codes).stem}_{i:03d}" for i in range(codes["z_sem"].shape[0])]
+    files = planned_files(args, [f"{name}_{'variation' if args.random_xT else 'decoded'}" for name in names])
     pipe = load_pipeline(args.model)
     x_T = None if args.random_xT else codes.get("x_T")
     images = pipe.decode(codes["z_sem"], x_T, args.steps, generator=torch.Generator().manual_seed(args.seed)).images
-    return _save_all(images, args.output, "decoded")
+    return write_images(images, files)
 
 
 def run_reconstruct(args) -> int:
+    files = planned_files(args, [f"{name}_reconstruction" for name in stems(args.images)])
     pipe = load_pipeline(args.model)
     latents = encode_images(pipe, args)
-    return _save_all(pipe.decode(latents.z_sem, latents.x_T, args.steps).images, args.output, "reconstruction")
+    return write_images(pipe.decode(latents.z_sem, latents.x_T, args.steps).images, files)
 
 
 def run_interpolate(args) -> int:
     if len(args.images) != 2:
         raise SystemExit("error: interpolate takes exactly two --images")
+    if args.frames < 2:
+        raise SystemExit(f"error: --frames must be at least 2 (both endpoints), got {args.frames}")
+    a_name, b_name = stems(args.images)
+    files = planned_files(args, [f"{a_name}_to_{b_name}_{i:03d}" for i in range(args.frames)])
     pipe = load_pipeline(args.model)
     a, b = (encode_images(pipe, args, [image]) for image in load_images(args.images))
-    frames = pipe.interpolate(a, b, num_frames=args.frames, num_inference_steps=args.steps).images
-    return _save_all(frames, args.output, "frame")
+    return write_images(pipe.interpolate(a, b, num_frames=args.frames, num_inference_steps=args.steps).images, files)
 
 
 def run_edit(args) -> int:
+    names = stems(args.images)
+    files = planned_files(args, [f"{n}_{args.attribute}_{s:+g}" for s in args.strengths for n in names])
     pipe = load_pipeline(args.model)
+    if pipe.classifier is None:
+        raise ValueError(f"{args.model or 'the model'} has no classifier to edit along")
+    pipe.classifier.attribute_index(args.attribute)  # an unknown attribute fails here, before the encoding
+    for strength in (s for s in args.strengths if abs(s) > 1):
+        print(f"warning: strength {strength:g} is far outside the usual |strength| <= 1 (paper: 0.3)", file=sys.stderr)
     latents = encode_images(pipe, args)
+    images = []
     for strength in args.strengths:
-        images = pipe.edit(latents, attribute=args.attribute, strength=strength, num_inference_steps=args.steps).images
-        _save_all(images, args.output, f"{args.attribute}_{strength:+.2f}")
-    return 0
+        images += pipe.edit(
+            latents, attribute=args.attribute, strength=strength, num_inference_steps=args.steps
+        ).images
+    return write_images(images, files)
 
 
 def run_sample(args) -> int:
+    if args.num < 1:
+        raise SystemExit(f"error: --num must be at least 1, got {args.num}")
+    files = planned_files(args, [f"sample_seed{args.seed}_{i:03d}" for i in range(args.num)])
     pipe = load_pipeline(args.model)
     images = pipe(
         batch_size=args.num, num_inference_steps=args.steps, latent_num_inference_steps=args.steps,
         attribute=args.attribute, generator=torch.Generator().manual_seed(args.seed),
     ).images  # fmt: skip
-    return _save_all(images, args.output, "sample")
-
-
-def _save_all(images, output: str, stem: str) -> int:
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        image.save(out / f"{stem}_{i:03d}.png")
-    print(f"wrote {len(images)} images to {out}")
-    return 0
+    return write_images(images, files)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -353,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default=None, help="pipeline folder or Hub repo id (default: bundled emoji model)")
         p.add_argument("--steps", type=int, default=20, help="DDIM steps for encoding and decoding")
         p.add_argument("--seed", type=int, default=0, help="random seed")
+        if name != "demo":
+            p.add_argument("--overwrite", action="store_true", help="replace output files that exist")
         if images:
             p.add_argument("--images", nargs="+", required=True, help="input image files")
             p.add_argument(
@@ -378,20 +453,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("decode", "codes (safetensors) -> images", run_decode)
     p.add_argument("--codes", required=True, help="file written by `diffae encode`")
     p.add_argument("--random-xT", dest="random_xT", action="store_true", help="ignore x_T: stochastic variations")
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, help="folder for the images, named after the inputs")
     p = command("reconstruct", "encode then decode images", run_reconstruct, images=True)
-    p.add_argument("--output", required=True)
-    p = command("interpolate", "interpolate between two images", run_interpolate, images=True)
-    p.add_argument("--frames", type=int, default=8)
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, help="folder for the images, named after the inputs")
+    p = command("interpolate", "interpolate between exactly two images", run_interpolate, images=True)
+    p.add_argument("--frames", type=int, default=8, help="frames, both images included")
+    p.add_argument("--output", required=True, help="folder for the images, named after the inputs")
     p = command("edit", "edit an attribute of images", run_edit, images=True)
     p.add_argument("--attribute", required=True, help="a head of the pipeline's classifier")
-    p.add_argument("--strengths", type=float, nargs="+", default=[0.3])
-    p.add_argument("--output", required=True)
+    p.add_argument(
+        "--strengths", type=float, nargs="+", default=[0.3], help="edit strengths alpha (paper: 0.3; < 0 away)"
+    )
+    p.add_argument("--output", required=True, help="folder for the images, named after the inputs")
     p = command("sample", "sample new images (optionally conditioned on an attribute)", run_sample)
-    p.add_argument("--num", type=int, default=8)
-    p.add_argument("--attribute", default=None)
-    p.add_argument("--output", required=True)
+    p.add_argument("--num", type=int, default=8, help="how many images")
+    p.add_argument("--attribute", default=None, help="a binary classifier head to condition on (rejection sampling)")
+    p.add_argument("--output", required=True, help="folder for the images")
     p = sub.add_parser("convert", help="convert an official checkpoint (see python -m diffusers_diffae.convert -h)")
     p.set_defaults(func=None)
     p = sub.add_parser(
