@@ -577,3 +577,10 @@ def test_every_pil_mode_is_read_as_it_shows(pipe, tmp_path):
     palette = image.convert("P")
     palette.info["transparency"] = palette.getpixel((0, 15))
     assert torch.equal((pipe.preprocess(palette) + 1)[0, :, 8:] / 2, torch.ones(3, 8, 16))
+
+
+def test_codes_outside_the_model_range_are_named_instead_of_decoding_to_nan(pipe):
+    with pytest.raises(ValueError, match="non-finite pixels: z_sem or x_T is far outside the model's range"):
+        pipe.decode(torch.full((1, Z), 1e30), torch.zeros(1, 3, 16, 16), num_inference_steps=2)
+    with pytest.raises(ValueError, match="z_sem is empty: it must hold at least one row"):
+        pipe.decode(torch.zeros(0, Z), num_inference_steps=2)

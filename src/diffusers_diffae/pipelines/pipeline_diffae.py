@@ -1,6 +1,5 @@
-"""DiffAEPipeline. Paper map: semantic encoder §3.2 -> `encode`; stochastic encoder §3.3 -> `invert`; decoder
-§3.1 -> `decode`; interpolation §5.2 -> `interpolate`; manipulation §5.3 and Appendix G -> `edit`;
-latent DDIM §4 and few-shot conditional sampling §5.6 -> `sample_z_sem*` / `__call__`."""
+"""DiffAEPipeline: §3.2 `encode`, §3.3 `invert`, §3.1 `decode`, §5.2 `interpolate`, §5.3 and Appendix G `edit`,
+§4 and §5.6 (latent DDIM, few-shot conditional sampling) `sample_z_sem*` / `__call__`."""
 
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -19,6 +18,7 @@ from .pipeline_utils import (
     check_batch,
     check_codes,
     check_count,
+    check_decoded,
     check_direction,
     check_edit_inputs,
     check_eta,
@@ -269,6 +269,7 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
                 z_sem = outputs.pop("z_sem", z_sem)
 
         # 4. post-process
+        check_decoded(latents, z_sem)
         images = latents if output_type == "latent" else self.image_processor.postprocess(latents.float(), output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

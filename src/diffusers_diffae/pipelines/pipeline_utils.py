@@ -79,6 +79,8 @@ def check_vectors(name: str, value, width: int) -> None:
     """Checks a finite floating (B, width) tensor."""
     if not isinstance(value, torch.Tensor) or value.ndim != 2 or value.shape[1] != width:
         raise ValueError(f"{name} must have shape (B, {width}), got {shape_of(value)}")
+    if value.shape[0] == 0:
+        raise ValueError(f"{name} is empty: it must hold at least one row")
     check_finite(name, value)
 
 
@@ -136,3 +138,10 @@ def check_inversion(inversion: str, iterations: int, tolerance: float) -> None:
     check_count("inversion_iterations", iterations)
     if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not tolerance >= 0:
         raise ValueError(f"inversion_tolerance must be a number >= 0, got {tolerance!r}")
+
+
+def check_decoded(latents: torch.Tensor, z_sem: Optional[torch.Tensor]) -> None:
+    """A decode that left finite codes but ends in NaN/inf had codes far outside what the model knows: name them."""
+    if not torch.isfinite(latents).all():
+        largest = f"; largest |z_sem| is {z_sem.abs().max().item():.3g}" if z_sem is not None else ""
+        raise ValueError(f"decoding gave non-finite pixels: z_sem or x_T is far outside the model's range{largest}")
