@@ -29,7 +29,7 @@ def invert_step(
     eps: Optional[torch.Tensor] = None,
     num_iterations: int = 3,
     tolerance: float = 0.0,
-) -> Tuple[torch.Tensor, torch.Tensor, int]:
+) -> Tuple[torch.Tensor, torch.Tensor]:
     r"""
     Finds x (B, C, H, W) at level `timestep` with `decoder.step(eps_fn(x), timestep, x).prev_sample == target`.
 
@@ -44,16 +44,16 @@ def invert_step(
         tolerance (`float`): stop early once the largest |step(x) - target| of the batch is at most this.
 
     Returns:
-        `(x, eps at the last evaluated iterate, network calls made)`.
+        `(x, eps at the last evaluated iterate)`.
     """
     alpha, alpha_prev = _alpha_bars(decoder, timestep)
     slope = (alpha_prev / alpha) ** 0.5
-    calls = 0
+    first = 0  # the first iteration; evaluating eps at the target uses up iteration 0
     if eps is None:
-        eps, calls = eps_fn(target), 1
+        eps, first = eps_fn(target), 1
     x, history = target, None
-    exact_pair = calls == 1  # whether eps was evaluated at x (a guess is not, so it cannot join the mixing)
-    for iteration in range(calls, num_iterations + 1):
+    exact_pair = first == 1  # whether eps was evaluated at x (a guess is not, so it cannot join the mixing)
+    for iteration in range(first, num_iterations + 1):
         residual = decoder.step(eps, timestep, x, use_clipped_model_output=True).prev_sample - target
         if exact_pair and residual.abs().max() <= tolerance:
             break  # eps was evaluated at x, so x solves the step within the tolerance
@@ -69,8 +69,7 @@ def invert_step(
         if iteration == num_iterations:
             break
         eps, exact_pair = eps_fn(x), True
-        calls += 1
-    return x, eps, calls
+    return x, eps
 
 
 @torch.no_grad()
@@ -91,5 +90,5 @@ def exact_inversion(
     decoder.set_timesteps(num_inference_steps, device=x0.device)
     x, eps = x0, None
     for t in progress_bar(decoder.timesteps.flip(0)):
-        x, eps, _ = invert_step(lambda v: eps_fn(v, t), decoder, int(t), x, eps, num_iterations, tolerance)
+        x, eps = invert_step(lambda v: eps_fn(v, t), decoder, int(t), x, eps, num_iterations, tolerance)
     return x
