@@ -84,3 +84,33 @@ def test_every_model_runs_under_layerwise_casting():
         assert output.dtype == torch.float32, name
         # fp8 storage keeps about two significant digits of every weight
         assert (output - reference).abs().max() < 0.15 * reference.abs().max(), name
+
+
+def test_resolve_dtype_names_and_auto(monkeypatch):
+    from diffusers_diffae import precision
+
+    assert precision.resolve_dtype("float16", "cpu") == torch.float16
+    assert precision.resolve_dtype("float32", "cuda") == torch.float32
+    with pytest.raises(ValueError, match="float32, bfloat16, float16"):
+        precision.resolve_dtype("fp16", "cpu")
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda native=native: native)
+        assert precision.resolve_dtype("auto", "cpu") == expected
+        assert precision.resolve_dtype("auto", None) == expected
+    assert precision.resolve_dtype("auto", "mps") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for supported, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, s=supported: s)
+        assert precision.resolve_dtype("auto", torch.device("cuda", 0)) == expected
+
+
+def test_cpu_bf16_detection_reads_cpuinfo_flags(monkeypatch):
+    from diffusers_diffae import precision
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    for flags, expected in (({"avx2", "avx512_bf16"}, True), ({"avx2", "amx_bf16"}, True), ({"avx2"}, False)):
+        precision.cpu_has_native_bf16.cache_clear()
+        monkeypatch.setattr(precision, "_cpuinfo_flags", lambda flags=flags: flags)
+        assert precision.cpu_has_native_bf16() is expected
+    precision.cpu_has_native_bf16.cache_clear()

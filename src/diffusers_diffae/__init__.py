@@ -15,6 +15,7 @@ from .models import (
     SemanticEncoderOutput,
 )
 from .pipelines import DiffAELatents, DiffAEPipeline
+from .precision import resolve_dtype
 from .presets import OFFICIAL_CONFIGS, official_component_configs, preset_config
 from .schedulers import DiffAEInverseScheduler
 
@@ -38,4 +39,5 @@ __all__ = [
     "SemanticEncoderOutput",
     "official_component_configs",
     "preset_config",
+    "resolve_dtype",
 ]
