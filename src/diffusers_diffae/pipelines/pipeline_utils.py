@@ -99,6 +99,14 @@ def check_codes(z_sem: Optional[torch.Tensor], x_T: Optional[torch.Tensor], widt
     check_finite("x_T", x_T)
 
 
+def check_latent_noise(z_noise: Optional[torch.Tensor], batch_size, width: int) -> None:
+    """Checks a given latent noise z_noise (B, width), or else the `batch_size` of the noise to draw."""
+    if z_noise is None:
+        check_count("batch_size", batch_size)
+    else:
+        check_vectors("z_noise", z_noise, width)
+
+
 def check_count(name: str, value, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -144,4 +152,7 @@ def check_decoded(latents: torch.Tensor, z_sem: Optional[torch.Tensor]) -> None:
     """A decode that left finite codes but ends in NaN/inf had codes far outside what the model knows: name them."""
     if not torch.isfinite(latents).all():
         largest = f"; largest |z_sem| is {z_sem.abs().max().item():.3g}" if z_sem is not None else ""
-        raise ValueError(f"decoding gave non-finite pixels: z_sem or x_T is far outside the model's range{largest}")
+        raise ValueError(
+            f"decoding gave non-finite pixels: z_sem or x_T is far outside the model's range{largest} (in edit: "
+            "a strength or target_logit far too large)"
+        )
