@@ -10,8 +10,11 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..image_processor import DiffAEImageProcessor, ImageInput
 from ..models import AttributeClassifier, DiffAEUNet2DModel, LatentMLPDenoiser, SemanticEncoder
-from ..schedulers import DiffAEInverseScheduler, exact_inversion
-from .latent_ops import edit_strength_for_target, move_along, rejection_sample, slerp
+from ..schedulers import DiffAEInverseScheduler
+from ..schedulers.fixed_point_inversion import invert_step
+from .denoising import DenoisingLoopMixin, check_chunk_size, chunked, default_chunk_size
+from .latent_ops import edit_strength_for_target, move_along, slerp
+from .latent_sampling import LatentSamplingMixin
 from .loading import DiffAELoadingMixin
 from .pipeline_output import DiffAELatents
 from .pipeline_utils import (
@@ -24,12 +27,11 @@ from .pipeline_utils import (
     check_eta,
     check_inversion,
     check_steps,
-    check_vectors,
     step_kwargs,
 )
 
 
-class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
+class DiffAEPipeline(DiffAELoadingMixin, LatentSamplingMixin, DenoisingLoopMixin, DiffusionPipeline):
     r"""
     Diffusion Autoencoders (Preechakul et al., CVPR 2022): a semantic encoder and a conditional DDIM decoder.
 
@@ -51,7 +53,6 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
 
     model_cpu_offload_seq = "encoder->unet"
     _optional_components = ["encoder", "latent_denoiser", "latent_scheduler", "classifier"]
-    _callback_tensor_inputs = ["latents", "z_sem"]
 
     def __init__(
         self,
@@ -116,11 +117,6 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
             return self.encoder.config.out_channels
         return self.unet.config.get("z_sem_channels")
 
-    @property
-    def num_timesteps(self) -> int:
-        """Steps of the last denoising loop."""
-        return self._num_timesteps
-
     def preprocess(self, images: ImageInput) -> torch.Tensor:
         """Images in [0, 1] -> (B, C, H, W) in [-1, 1] at the model resolution (see `DiffAEImageProcessor`)."""
         return self.image_processor.preprocess(images, self.resolution)
@@ -139,6 +135,7 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
         num_inference_steps: int = 100,
         stochastic: bool = True,
         return_dict: bool = True,
+        chunk_size: Optional[int] = None,
         **inversion_kwargs,
     ) -> Union[DiffAELatents, tuple]:
         r"""
@@ -148,20 +145,26 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
             images: PIL image(s), numpy array(s) or tensor(s) with values in [0, 1] (see [`DiffAEImageProcessor`]).
             num_inference_steps (`int`): DDIM inversion steps (the official notebooks use 250).
             stochastic (`bool`): also run the stochastic encoder (DDIM inversion conditioned on z_sem).
-            inversion_kwargs: `inversion`, `inversion_iterations`, `inversion_tolerance` of [`~DiffAEPipeline.invert`].
+            chunk_size (`int`, *optional*): images per network call (see [`~DiffAEPipeline.invert`]).
+            inversion_kwargs: `inversion`, `inversion_iterations`, `inversion_tolerance` and the step callbacks of
+                [`~DiffAEPipeline.invert`].
 
         Returns:
             [`DiffAELatents`] with `z_sem` (B, D) and `x_T` (B, C, H, W) (or `None`), or a tuple.
         """
         if self.encoder is None:
             raise ValueError("encode needs the encoder component; a DDIM baseline inverts with invert(x0, None)")
+        check_chunk_size(chunk_size)
         # 1. images -> (B, C, H, W) in [-1, 1]
         dtype = self.unet.dtype
         x0 = self.preprocess(images).to(device=self._execution_device, dtype=self.encoder.dtype)
         # 2. semantic encoder
-        z_sem = self.encoder(x0).z_sem.to(dtype)
+        chunk = chunk_size or default_chunk_size(self.resolution)
+        z_sem = chunked(lambda x: self.encoder(x).z_sem, chunk, x0).to(dtype)
         # 3. stochastic encoder
-        x_T = self.invert(x0.to(dtype), z_sem, num_inference_steps, **inversion_kwargs) if stochastic else None
+        x_T = None
+        if stochastic:
+            x_T = self.invert(x0.to(dtype), z_sem, num_inference_steps, chunk_size=chunk, **inversion_kwargs)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (z_sem, x_T)
@@ -176,6 +179,9 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
         inversion: str = "ddim",
         inversion_iterations: int = 3,
         inversion_tolerance: float = 0.0,
+        chunk_size: Optional[int] = None,
+        callback_on_step_end: Optional[Callable] = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> torch.Tensor:
         r"""
         The stochastic encoder (paper Eq. 8): x_T (B, C, H, W) of `x0` (B, C, H, W) in [-1, 1], conditioned on z_sem
@@ -187,24 +193,36 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
           config, the official sampler) at the same `num_inference_steps` returns to `x0` up to its x0 clipping
           ([`~schedulers.fixed_point_inversion.exact_inversion`]); at most `num_inference_steps * inversion_iterations`
           calls, fewer when every step's residual falls to `inversion_tolerance` (pixels in [-1, 1]).
+
+        The UNet sees at most `chunk_size` images per call (default: `default_chunk_size(resolution)`); the result
+        does not depend on it. `callback_on_step_end(pipe, i, t, tensors)` runs after each step with the tensors
+        named in `callback_on_step_end_tensor_inputs` ("latents": x at the level reached, "z_sem"); an interrupt
+        (`pipe._interrupt = True`) returns the x reached so far.
         """
         check_steps(num_inference_steps, self.inverse_scheduler)
         check_codes(z_sem, x0, self.z_sem_width, self.image_shape)
         check_inversion(inversion, inversion_iterations, inversion_tolerance)
+        check_chunk_size(chunk_size)
+        callback, names = callback_on_step_end, callback_on_step_end_tensor_inputs
+        names = self._callback_inputs(callback, names, self._callback_tensor_inputs)
         device, dtype = self._execution_device, self.unet.dtype
-        x = x0.to(device=device, dtype=dtype)
         z_sem = z_sem.to(device=device, dtype=dtype) if z_sem is not None else None
+        state = {"latents": x0.to(device=device, dtype=dtype), "z_sem": z_sem}
         if inversion == "exact":
             decoder = DDIMScheduler.from_config(self.inverse_scheduler.config)
-            return exact_inversion(
-                lambda x_t, t: self.unet(x_t, t, z_sem).sample, decoder, x, num_inference_steps,
-                inversion_iterations, inversion_tolerance, progress_bar=self.progress_bar,
-            )  # fmt: skip
+            decoder.set_timesteps(num_inference_steps, device=device)
+            eps = None  # each step starts from the previous step's last prediction
+            for _, t in self._loop(decoder.timesteps.flip(0), state, callback, names):
+                state["latents"], eps = invert_step(
+                    lambda x: self._noise(x, t, state["z_sem"], chunk_size), decoder, int(t), state["latents"], eps,
+                    inversion_iterations, inversion_tolerance,
+                )  # fmt: skip
+            return state["latents"]
         self.inverse_scheduler.set_timesteps(num_inference_steps, device=device)
-        for t in self.progress_bar(self.inverse_scheduler.timesteps):
-            eps = self.unet(x, t, z_sem).sample
-            x = self.inverse_scheduler.step(eps, t, x).prev_sample
-        return x
+        for _, t in self._loop(self.inverse_scheduler.timesteps, state, callback, names):
+            eps = self._noise(state["latents"], t, state["z_sem"], chunk_size)
+            state["latents"] = self.inverse_scheduler.step(eps, t, state["latents"]).prev_sample
+        return state["latents"]
 
     @torch.no_grad()
     def decode(
@@ -219,6 +237,7 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
         callback_on_step_end: Optional[Callable] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         batch_size: Optional[int] = None,
+        chunk_size: Optional[int] = None,
     ) -> Union[ImagePipelineOutput, tuple]:
         r"""
         Decodes `(z_sem, x_T)` into images with the conditional sampler (paper §3.1).
@@ -232,7 +251,10 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
             eta (`float`): DDIM eta (0 = deterministic, as the paper).
             output_type (`str`): `"pil"`, `"np"` (B, H, W, C) in [0, 1], `"pt"` (B, C, H, W) in [0, 1], or
                 `"latent"`, the sampler's x_0 (B, C, H, W) in [-1, 1].
-            callback_on_step_end: `fn(pipe, step, timestep, tensors) -> dict`, called after each step.
+            callback_on_step_end: `fn(pipe, step, timestep, tensors) -> dict`, called after each step with the
+                tensors named in `callback_on_step_end_tensor_inputs` ("latents": x_t, "z_sem"); the returned ones
+                replace them. `pipe._interrupt = True` skips the remaining steps.
+            chunk_size (`int`, *optional*): images per UNet call (default `default_chunk_size(resolution)`).
 
         Returns:
             [`~diffusers.ImagePipelineOutput`] or `(images,)`.
@@ -243,8 +265,9 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
         check_eta(eta)
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
-        if not set(callback_on_step_end_tensor_inputs) <= set(self._callback_tensor_inputs):
-            raise ValueError(f"callback_on_step_end_tensor_inputs must be a subset of {self._callback_tensor_inputs}")
+        callback, names = callback_on_step_end, callback_on_step_end_tensor_inputs
+        names = self._callback_inputs(callback, names, self._callback_tensor_inputs)
+        check_chunk_size(chunk_size)
         batch_size = check_batch(z_sem, x_T, batch_size, generator)
         device, dtype = self._execution_device, self.unet.dtype
         z_sem = z_sem.to(device=device, dtype=dtype) if z_sem is not None else None
@@ -252,24 +275,18 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
         # 2. prepare x_T
         if x_T is None:
             x_T = randn_tensor((batch_size, *self.image_shape), generator=generator, device=device, dtype=dtype)
-        latents = x_T.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+        state = {"latents": x_T.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma, "z_sem": z_sem}
 
         # 3. denoising loop
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         kwargs = step_kwargs(self.scheduler, generator, eta)
-        self._num_timesteps = len(self.scheduler.timesteps)
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            model_input = self.scheduler.scale_model_input(latents, t)
-            eps = self.unet(model_input, t, z_sem).sample
-            latents = self.scheduler.step(eps, t, latents, **kwargs).prev_sample
-            if callback_on_step_end is not None:
-                local = {"latents": latents, "z_sem": z_sem}
-                outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
-                latents = outputs.pop("latents", latents)
-                z_sem = outputs.pop("z_sem", z_sem)
+        for _, t in self._loop(self.scheduler.timesteps, state, callback, names):
+            eps = self._noise(self.scheduler.scale_model_input(state["latents"], t), t, state["z_sem"], chunk_size)
+            state["latents"] = self.scheduler.step(eps, t, state["latents"], **kwargs).prev_sample
 
         # 4. post-process
-        check_decoded(latents, z_sem)
+        latents = state["latents"]
+        check_decoded(latents, state["z_sem"])
         images = latents if output_type == "latent" else self.image_processor.postprocess(latents.float(), output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
@@ -383,70 +400,6 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
         return self.decode(edited, latents.x_T, num_inference_steps, output_type=output_type, return_dict=return_dict)
 
     @torch.no_grad()
-    def sample_z_sem(
-        self,
-        batch_size: int = 1,
-        num_inference_steps: int = 20,
-        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
-        z_noise: Optional[torch.Tensor] = None,
-        return_normalized: bool = False,
-    ) -> torch.Tensor:
-        r"""
-        Samples semantic codes with the latent DDIM: DDIM on normalised z_sem from `z_noise` (B, D) (fresh Gaussian
-        noise when `None`), then de-normalised with the latent denoiser's statistics. Returns (B, D) z_sem, or the
-        normalised codes with `return_normalized=True`.
-        """
-        if self.latent_denoiser is None or self.latent_scheduler is None:
-            raise ValueError("sampling needs the latent_denoiser and latent_scheduler components (a *_latent model)")
-        check_steps(num_inference_steps, self.latent_scheduler)
-        device, dtype = self._execution_device, self.latent_denoiser.dtype
-        width = self.latent_denoiser.config.num_channels
-        if z_noise is None:
-            z_noise = randn_tensor((batch_size, width), generator=generator, device=device, dtype=dtype)
-        else:
-            check_vectors("z_noise", z_noise, width)
-        z = z_noise.to(device=device, dtype=dtype) * self.latent_scheduler.init_noise_sigma
-        self.latent_scheduler.set_timesteps(num_inference_steps, device=device)
-        kwargs = step_kwargs(self.latent_scheduler, generator, 0.0)
-        for t in self.progress_bar(self.latent_scheduler.timesteps):
-            eps = self.latent_denoiser(self.latent_scheduler.scale_model_input(z, t), t).sample
-            z = self.latent_scheduler.step(eps, t, z, **kwargs).prev_sample
-        return z if return_normalized else self.latent_denoiser.denormalize_z_sem(z)
-
-    @torch.no_grad()
-    def sample_z_sem_with_attribute(
-        self,
-        batch_size: int,
-        attribute: Union[str, int],
-        min_probability: float = 0.5,
-        num_inference_steps: int = 20,
-        generator: Optional[torch.Generator] = None,
-        max_candidates: Optional[int] = None,
-    ) -> torch.Tensor:
-        r"""
-        Conditional sampling by rejection (paper §5.6, following D2C): draw z_sem from the latent DDIM, reject
-        candidates whose classifier probability p is below `min_probability` (0.5 in the paper), then accept each
-        remaining one with probability p. Returns (batch_size, D) z_sem. Raises a `ValueError` when fewer than
-        `batch_size` are accepted among `max_candidates` (default `200 * batch_size`) draws.
-        """
-        if self.classifier is None:
-            raise ValueError("conditional sampling needs a classifier component")
-        index = self.classifier.attribute_index(attribute)
-        if self.classifier.attribute_type(index) != "binary":
-            raise ValueError(f"attribute {attribute!r} is a continuous head; rejection sampling needs a binary one")
-        if max_candidates is not None:
-            check_count("max_candidates", max_candidates)
-        return rejection_sample(
-            draw=lambda n: self.sample_z_sem(n, num_inference_steps, generator=generator),
-            probability=lambda z: torch.sigmoid(self.classifier(z.float()).logits[:, index]),
-            batch_size=batch_size,
-            min_probability=min_probability,
-            max_candidates=max_candidates or 200 * batch_size,
-            generator=generator,
-            name=repr(attribute),
-        )
-
-    @torch.no_grad()
     def __call__(
         self,
         batch_size: int = 1,
@@ -462,6 +415,8 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Optional[Callable] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        latent_callback_on_step_end: Optional[Callable] = None,
+        latent_callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> Union[ImagePipelineOutput, tuple]:
         r"""
         Unconditional sampling (paper §4): latent DDIM on normalised z_sem, de-normalise, decode from fresh x_T.
@@ -475,21 +430,28 @@ class DiffAEPipeline(DiffAELoadingMixin, DiffusionPipeline):
             attribute (`str`, *optional*): a binary classifier head to condition on.
             min_probability (`float`): rejection threshold (paper: 0.5).
             z_noise (`(B, D)`, *optional*) / x_T (`(B, C, H, W)`, *optional*): fixed starting noise.
+            callback_on_step_end / latent_callback_on_step_end: step callbacks of the image loop (see `decode`) and
+                of the latent DDIM loop (see `sample_z_sem`), as diffusers' combined pipelines name them.
 
         Returns:
             [`~diffusers.ImagePipelineOutput`] or `(images,)`.
         """
         check_count("batch_size", batch_size)
+        self._callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
+        latent_callbacks = dict(
+            callback_on_step_end=latent_callback_on_step_end,
+            callback_on_step_end_tensor_inputs=latent_callback_on_step_end_tensor_inputs,
+        )
         if attribute is not None:
             if isinstance(generator, list):
                 raise ValueError("conditional sampling takes a single generator")
             z_sem = self.sample_z_sem_with_attribute(
-                batch_size, attribute, min_probability, latent_num_inference_steps, generator
+                batch_size, attribute, min_probability, latent_num_inference_steps, generator, **latent_callbacks
             )
         else:
             check_batch(None, None, batch_size, generator)
             # One generator per image draws that image's z_noise and then its x_T: each image reproduces alone.
-            z_sem = self.sample_z_sem(batch_size, latent_num_inference_steps, generator, z_noise)
+            z_sem = self.sample_z_sem(batch_size, latent_num_inference_steps, generator, z_noise, **latent_callbacks)
         return self.decode(
             z_sem.to(self.unet.dtype), x_T, num_inference_steps, generator=generator, eta=eta, output_type=output_type,
             return_dict=return_dict, callback_on_step_end=callback_on_step_end,
