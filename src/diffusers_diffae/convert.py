@@ -21,6 +21,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
+from .io_utils import check_output_folder, save_pipeline_atomically
 from .models import CELEBAHQ_ATTRIBUTES, AttributeClassifier, DiffAEUNet2DModel, LatentMLPDenoiser, SemanticEncoder
 from .presets import official_component_configs
 
@@ -121,6 +122,8 @@ def load_official_file(path: PathLike) -> dict:
         ValueError: the file is not a `torch.save` pickle of a dict.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder; give the checkpoint file in it (e.g. last.ckpt)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
@@ -416,6 +419,7 @@ def convert_official_checkpoint(
     use_ema: bool = True,
     latent_stats: Optional[PathLike] = None,
     classifier: Optional[PathLike] = None,
+    overwrite: bool = False,
 ):
     """Converts an official DiffAE checkpoint into a [`DiffAEPipeline`].
 
@@ -424,16 +428,21 @@ def convert_official_checkpoint(
             `model.*` / `ema_model.*` keys.
         config: an official release name (`ffhq256_autoenc`, `ffhq128_autoenc_latent`, ...), a JSON file of the
             official `TrainConfig` fields, or a dict of them.
-        output_dir: if given, the pipeline is saved there (safetensors) with `save_pretrained`.
+        output_dir: if given, the pipeline is saved there (safetensors) with `save_pretrained`, atomically (see
+            [`save_pipeline_atomically`]); the folder is checked before the checkpoint is read.
         use_ema: convert the EMA weights (`ema_model.*`, what every official demo uses) or the raw ones (`model.*`).
         latent_stats: an official `latent.pkl` (`conds_mean`, `conds_std`): the z_sem statistics.
         classifier: an official `*_cls` checkpoint, added as the `classifier` component.
+        overwrite: replace a pipeline folder at `output_dir`.
 
     Returns:
         The converted `DiffAEPipeline`, in eval mode.
     """
     from .pipelines import DiffAEPipeline  # the pipeline imports the models; avoid a cycle at import time
 
+    if output_dir is not None:
+        inputs = (checkpoint, config, latent_stats, classifier)
+        check_output_folder(output_dir, overwrite, inputs=[p for p in inputs if isinstance(p, (str, os.PathLike))])
     configs = official_component_configs(config)
     ckpt = load_official_file(checkpoint)
     state = ckpt.get("state_dict", ckpt)
@@ -475,17 +484,20 @@ def convert_official_checkpoint(
             raise ValueError("the classifier's z_sem width does not match the encoder's")
     pipe = DiffAEPipeline.from_official_configs(configs, **models)
     if output_dir is not None:
-        pipe.save_pretrained(output_dir)
+        save_pipeline_atomically(pipe, output_dir, overwrite)
     return pipe
 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m diffusers_diffae.convert", description="Convert an official DiffAE checkpoint to diffusers."
+        prog="python -m diffusers_diffae.convert",
+        description="Convert an official DiffAE checkpoint to diffusers.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--checkpoint", required=True, help="official last.ckpt")
     parser.add_argument("--config", required=True, help="official release name or TrainConfig JSON file")
-    parser.add_argument("--output", required=True, help="output folder for the diffusers pipeline")
+    parser.add_argument("--output", required=True, help="output folder for the diffusers pipeline (a new one)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a pipeline folder at --output")
     parser.add_argument("--no-ema", action="store_true", help="convert the raw weights instead of the EMA weights")
     parser.add_argument("--latent-stats", default=None, help="official latent.pkl with conds_mean / conds_std")
     parser.add_argument("--classifier", default=None, help="official *_cls checkpoint (attribute heads) to include")
@@ -498,8 +510,9 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
             use_ema=not args.no_ema,
             latent_stats=args.latent_stats,
             classifier=args.classifier,
+            overwrite=args.overwrite,
         )
-    except (ValueError, FileNotFoundError, pickle.UnpicklingError) as e:
+    except (ValueError, OSError, pickle.UnpicklingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.output}")

@@ -1,6 +1,6 @@
 """Pixel-space image processing for DiffAE pipelines: user images in, model tensors out, and back."""
 
-from typing import List, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -22,7 +22,9 @@ class DiffAEImageProcessor(VaeImageProcessor):
     (PIL images, numpy arrays `(H, W, C)` / `(B, H, W, C)` and tensors `(C, H, W)` / `(B, C, H, W)` with values in
     [0, 1], or lists of these) and brings every image to the model resolution as the official preprocessing does
     (`Resize(size)` + `CenterCrop(size)`: the shorter side to `size`, bilinear with antialiasing when shrinking,
-    then the centre).
+    then the centre). This happens without a warning: an image of another size than the model's is encoded as its
+    resized and cropped version, and the reconstruction comes back at the model resolution (`resize_notice` words
+    it for a user interface; the `diffae` command prints it once per run).
 
     PIL images of every mode are read as what they show: 16-bit ones (`I;16`, `I`) are scaled from 0..65535, not
     clipped at 255, and transparent pixels (RGBA, LA, palette transparency) are composited on `background`, the
@@ -39,7 +41,8 @@ class DiffAEImageProcessor(VaeImageProcessor):
         self.background = background
 
     def preprocess(self, images: ImageInput, resolution: int) -> torch.Tensor:
-        """Images -> (B, C, resolution, resolution) float32 tensor in [-1, 1]; a clear `ValueError` otherwise."""
+        """Images -> (B, C, resolution, resolution) float32 tensor in [-1, 1], each of another size resized (shorter
+        side to `resolution`) and centre-cropped; a clear `ValueError` otherwise."""
         items = images if isinstance(images, (list, tuple)) else [images]
         if len(items) == 0:
             raise ValueError("no images given")
@@ -54,6 +57,8 @@ class DiffAEImageProcessor(VaeImageProcessor):
     def to_unit_tensor(self, image) -> torch.Tensor:
         """One image or batch -> (B, C, H, W) float32 tensor in [0, 1] on the CPU."""
         if isinstance(image, PIL.Image.Image):
+            if min(image.size) < 1:
+                raise ValueError(f"images have an unusable size {image.size[::-1]}")
             array = pil_to_array(image, self.num_channels, self.background)
             return torch.from_numpy(array.reshape(*array.shape[:2], -1)).permute(2, 0, 1)[None]
         if isinstance(image, np.ndarray):
@@ -118,3 +123,17 @@ def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
         h, w = new_h, new_w
     top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
     return x[..., top : top + size, left : left + size]
+
+
+def resize_notice(sizes: Sequence[Tuple[int, int]], resolution: int) -> Optional[str]:
+    """One line saying how many of the images of `(width, height)` `sizes` `preprocess` resizes or crops to
+    `resolution` and from which sizes; `None` when all are already `resolution` x `resolution`."""
+    other = [size for size in sizes if tuple(size) != (resolution, resolution)]
+    if not other:
+        return None
+    shown = ", ".join(f"{w}x{h}" for w, h in sorted(set(map(tuple, other)))[:4])
+    more = ", ..." if len(set(map(tuple, other))) > 4 else ""
+    return (
+        f"{len(other)} of {len(sizes)} images are not {resolution}x{resolution} ({shown}{more}): each is resized "
+        f"(shorter side to {resolution}) and centre-cropped to the model's {resolution}x{resolution}"
+    )
