@@ -423,6 +423,8 @@ def test_bad_cli_input(case, files, model_dir, plain_model_dir, capsys):
 BAD_API_INPUTS = {
     "sample_zero_codes": (lambda pipe: pipe.sample_z_sem(0), r"batch_size must be an int >= 1, got 0"),
     "sample_fractional_count": (lambda pipe: pipe.sample_z_sem(2.5), r"batch_size must be an int >= 1, got 2.5"),
+    "attribute_sample_of_zero": (lambda pipe: pipe.sample_z_sem_with_attribute(0, "is_woman"),
+                                 r"batch_size must be an int >= 1, got 0"),
     "image_of_zero_pixels": (lambda pipe: pipe.encode(PIL.Image.new("RGB", (0, 0))), r"unusable size \(0, 0\)"),
     "min_probability_one": (lambda pipe: pipe.sample_z_sem_with_attribute(1, "is_woman", min_probability=1.0),
                             r"min_probability must be in \[0, 1\), got 1.0"),

@@ -72,6 +72,7 @@ class LatentSamplingMixin:
         index = self.classifier.attribute_index(attribute)
         if self.classifier.attribute_type(index) != "binary":
             raise ValueError(f"attribute {attribute!r} is a continuous head; rejection sampling needs a binary one")
+        check_count("batch_size", batch_size)
         if max_candidates is not None:
             check_count("max_candidates", max_candidates)
         return rejection_sample(
