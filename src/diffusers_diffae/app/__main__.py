@@ -1,0 +1,8 @@
+"""`python -m diffusers_diffae.app` (the same as `diffae app`)."""
+
+import sys
+
+from . import main
+
+
+sys.exit(main())
