@@ -9,6 +9,7 @@ the converter's and the command's outputs on a full disk, a read-only place and 
 import errno
 import json
 import os
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -111,7 +112,7 @@ def assert_one_line_error(argv, capsys, message):
     code, line = run(argv, capsys)
     assert code not in (0, None), line
     assert line.startswith(("error:", "diffae")) and "Traceback" not in line
-    assert __import__("re").search(message, line), line
+    assert re.search(message, line), line
     return line
 
 
@@ -490,8 +491,9 @@ def convert_argv(official_dir, output, *extra):
 
 def converter_existing_file(ctx):
     ctx.out.write_bytes(b"keep me")
-    argv = ["--checkpoint", str(ctx.tmp / "missing.ckpt"), "--config", "ffhq256_autoenc", "--output", str(ctx.out)]
-    assert ctx.convert(argv) == 1  # refused before the (missing) checkpoint is read
+    (ctx.tmp / "text.ckpt").write_text("not a checkpoint")
+    argv = ["--checkpoint", str(ctx.tmp / "text.ckpt"), "--config", "ffhq256_autoenc", "--output", str(ctx.out)]
+    assert ctx.convert(argv) == 1  # refused before the checkpoint is read
     assert "the output " in ctx.err() and ctx.out.read_bytes() == b"keep me"
     return "is an existing file; give a folder for the pipeline"
 
@@ -576,7 +578,7 @@ def test_converter_output(case, official_dir, tmp_path, capsys, monkeypatch):
     ctx.convert = convert_main
     message = CONVERTER_OUTPUTS[case](ctx)
     text = ctx.last or (lines[0] if lines else err())
-    assert text.startswith("error: ") and "\n" not in text and __import__("re").search(message, text), text
+    assert text.startswith("error: ") and "\n" not in text and re.search(message, text), text
 
 
 def cli_full_disk_images(ctx):
@@ -617,3 +619,28 @@ def test_cli_output_failure(case, model_dir, files, capsys, monkeypatch):
     ctx.out = files["out"]
     ctx.out.mkdir()
     CLI_OUTPUTS[case](ctx)
+
+
+BAD_CONVERTER_INPUTS = {
+    "unknown_preset": ("--checkpoint {ckpt} --config ffhq999_autoenc --output {out}",
+                       r"neither an official release name"),
+    "checkpoint_missing": ("--checkpoint {tmp}/last.ckpt --config ffhq256_autoenc --output {out}",
+                           r"checkpoint file not found: .*last.ckpt"),
+    "checkpoint_is_a_folder": ("--checkpoint {tmp} --config ffhq256_autoenc --output {out}",
+                               r"is a folder; give the checkpoint file in it \(e.g. last.ckpt\)"),
+    "config_of_another_size": ("--checkpoint {ckpt} --config ffhq128_autoenc_latent --output {out}",
+                               r"the checkpoint does not match the config"),
+    "latent_stats_missing": ("--checkpoint {ckpt} --config {config} --latent-stats {tmp}/latent.pkl --output {out}",
+                             r"checkpoint file not found: .*latent.pkl"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_CONVERTER_INPUTS)
+def test_bad_converter_input(case, official_dir, tmp_path, capsys):
+    argv, message = BAD_CONVERTER_INPUTS[case]
+    paths = {"ckpt": official_dir / "last.ckpt", "config": official_dir / "config.json", "tmp": tmp_path,
+             "out": tmp_path / "converted"}  # fmt: skip
+    assert convert_main([part.format(**paths) for part in argv.split()]) == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: ") and "\n" not in line and re.search(message, line), line
+    assert not (tmp_path / "converted").exists()

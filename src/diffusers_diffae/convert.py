@@ -113,6 +113,16 @@ _restricted_pickle.load = lambda f, **kw: _RestrictedUnpickler(f, **kw).load()
 _restricted_pickle.__name__ = "diffae_restricted_pickle"
 
 
+def check_file(path: PathLike) -> str:
+    """The path of an existing file; a `FileNotFoundError` (missing) or `ValueError` (a folder) otherwise."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder; give the checkpoint file in it (e.g. last.ckpt)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    return path
+
+
 def load_official_file(path: PathLike) -> dict:
     """Loads an official `.ckpt` / `latent.pkl` (a `torch.save` pickle) without Lightning and without running code.
 
@@ -121,11 +131,7 @@ def load_official_file(path: PathLike) -> dict:
         UnsafeCheckpointError: the pickle references a disallowed global.
         ValueError: the file is not a `torch.save` pickle of a dict.
     """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise ValueError(f"{path} is a folder; give the checkpoint file in it (e.g. last.ckpt)")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    path = check_file(path)
     try:
         obj = torch.load(path, map_location="cpu", pickle_module=_restricted_pickle, weights_only=False)
     except UnsafeCheckpointError:
@@ -440,6 +446,9 @@ def convert_official_checkpoint(
     """
     from .pipelines import DiffAEPipeline  # the pipeline imports the models; avoid a cycle at import time
 
+    for path in (checkpoint, latent_stats, classifier):  # every input file, before the long reads
+        if path is not None:
+            check_file(path)
     if output_dir is not None:
         inputs = (checkpoint, config, latent_stats, classifier)
         check_output_folder(output_dir, overwrite, inputs=[p for p in inputs if isinstance(p, (str, os.PathLike))])
