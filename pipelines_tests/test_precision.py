@@ -114,3 +114,48 @@ def test_cpu_bf16_detection_reads_cpuinfo_flags(monkeypatch):
         monkeypatch.setattr(precision, "_cpuinfo_flags", lambda flags=flags: flags)
         assert precision.cpu_has_native_bf16() is expected
     precision.cpu_has_native_bf16.cache_clear()
+
+
+# What `_keep_in_fp32_modules` keeps in float32: the GroupNorm32 layers, the time MLPs and the z_sem statistics.
+FP32_PARTS = {
+    "unet": ("time_embedding.", "norm1.", "norm2.", "conv_norm_out."),
+    "encoder": ("norm1.", "norm_out.", "z_sem_mean", "z_sem_std"),
+    "latent_denoiser": ("time_embedding.", "z_sem_mean", "z_sem_std"),
+    "classifier": ("z_sem_mean", "z_sem_std"),
+}
+
+
+def _dtypes(model):
+    """name -> dtype of every floating parameter and buffer, with whether it belongs to a float32 part."""
+    return {name: t.dtype for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_from_pretrained_keeps_the_precision_critical_parts_in_float32(dtype):
+    pipe = load(dtype)
+    for component, parts in FP32_PARTS.items():
+        model = getattr(pipe, component)
+        assert model.dtype == dtype, component
+        kept = {name: d for name, d in _dtypes(model).items() if any(part in name for part in parts)}
+        rest = {name: d for name, d in _dtypes(model).items() if name not in kept}
+        assert kept and set(kept.values()) == {torch.float32}, component
+        assert set(rest.values()) == {dtype}, component
+
+
+def test_layerwise_casting_skips_the_float32_parts_and_computes_in_bf16():
+    pipe = load(torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, generator=generator) * 2 - 1
+    z, t = torch.randn(2, pipe.unet.config.z_sem_channels, generator=generator), torch.tensor([10, 500])
+    reference = pipe.unet(x, t, z).sample
+    for component in ("unet", "encoder", "latent_denoiser"):
+        getattr(pipe, component).enable_layerwise_casting(torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+        dtypes = _dtypes(getattr(pipe, component))
+        assert torch.float8_e4m3fn in dtypes.values(), component
+        for name, d in dtypes.items():
+            if any(part in name for part in FP32_PARTS[component]):
+                assert d == torch.float32, (component, name)
+    eps = pipe.unet(x.bfloat16(), t, z.bfloat16()).sample
+    assert eps.dtype == torch.bfloat16 and (eps.float() - reference).abs().max() < 0.15 * reference.abs().max()
+    assert pipe.encoder(x.bfloat16()).z_sem.dtype == torch.float32  # its proj_out is skipped: diffusers' default
+    assert pipe.latent_denoiser(z.bfloat16(), t).sample.dtype == torch.bfloat16

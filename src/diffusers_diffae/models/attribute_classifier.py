@@ -49,6 +49,7 @@ class AttributeClassifier(ModelMixin, ConfigMixin, ZSemStatisticsMixin):
             Eq. 11 uses the median logit of the real positive images); `None` entries mean unknown.
     """
 
+    _keep_in_fp32_modules = ["z_sem_mean", "z_sem_std"]  # float32 under `torch_dtype=`
     main_input_name = "z_sem"
 
     @register_to_config

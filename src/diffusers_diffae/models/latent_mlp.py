@@ -100,6 +100,8 @@ class LatentMLPDenoiser(ModelMixin, ConfigMixin, PeftAdapterMixin, ZSemStatistic
         last_act (`str`, defaults to `"none"`): activation applied to the output.
     """
 
+    # float32 under `torch_dtype=` and skipped by layerwise casting: the time MLP and the z_sem statistics
+    _keep_in_fp32_modules = ["time_embedding", "z_sem_mean", "z_sem_std"]
     main_input_name = "sample"
 
     @register_to_config
@@ -166,7 +168,9 @@ class LatentMLPDenoiser(ModelMixin, ConfigMixin, PeftAdapterMixin, ZSemStatistic
         """
         check_vector_batch(sample, "sample", self.config.num_channels)
         timesteps = timesteps_for_batch(timestep, sample.shape[0], sample.device)
-        t_emb = self.time_embedding(self.time_proj(timesteps).to(sample.dtype))
+        weight_dtype = self.time_embedding[0].weight.dtype  # float32 when kept so; never an fp8 storage dtype
+        features = self.time_proj(timesteps).to(weight_dtype if weight_dtype.itemsize > 1 else sample.dtype)
+        t_emb = self.time_embedding(features).to(sample.dtype)
         h = sample
         for i, layer in enumerate(self.layers):
             if i in self.skip_layers:

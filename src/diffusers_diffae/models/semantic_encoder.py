@@ -49,6 +49,8 @@ class SemanticEncoder(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin,
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["DiffAEResBlock"]
+    # float32 under `torch_dtype=` and skipped by layerwise casting: the GroupNorm32 layers and the z_sem statistics
+    _keep_in_fp32_modules = ["norm1", "norm_out", "z_sem_mean", "z_sem_std"]
     main_input_name = "images"
 
     @register_to_config
@@ -99,7 +101,9 @@ class SemanticEncoder(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin,
             h, _ = block(h)
         h = self.mid_block(h)
         h = F.silu(self.norm_out(h)).mean(dim=(2, 3))
-        z_sem = self.proj_out(h)
+        # layerwise casting leaves "proj_out" in float32 (a diffusers default pattern): compute it in its dtype
+        weight_dtype = self.proj_out.weight.dtype
+        z_sem = self.proj_out(h.to(weight_dtype if weight_dtype.itemsize > 1 else h.dtype))
         if not return_dict:
             return (z_sem,)
         return SemanticEncoderOutput(z_sem=z_sem)

@@ -54,6 +54,8 @@ class DiffAEUNet2DModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixi
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["DiffAEResBlock"]
+    # float32 under `torch_dtype=` and skipped by layerwise casting: the GroupNorm32 layers and the time MLP
+    _keep_in_fp32_modules = ["time_embedding", "norm1", "norm2", "conv_norm_out"]
     main_input_name = "sample"
 
     @register_to_config
@@ -157,7 +159,9 @@ class DiffAEUNet2DModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixi
 
         # 1. time
         timesteps = timesteps_for_batch(timestep, batch_size, sample.device)
-        temb = self.time_embedding(self.time_proj(timesteps).to(sample.dtype))
+        weight_dtype = self.time_embedding.linear_1.weight.dtype  # float32 when kept so; never an fp8 storage dtype
+        features = self.time_proj(timesteps).to(weight_dtype if weight_dtype.itemsize > 1 else sample.dtype)
+        temb = self.time_embedding(features).to(sample.dtype)
 
         # 2. pre-process
         h = self.conv_in(sample)

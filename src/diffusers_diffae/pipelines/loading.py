@@ -147,6 +147,9 @@ def load_own_components(folder: str, model_index: Dict, kwargs: Dict) -> None:
         load_kwargs = {}
         if issubclass(component_cls, ModelMixin):
             load_kwargs = dict(model_kwargs)
+            if component_cls._keep_in_fp32_modules and load_kwargs.get("low_cpu_mem_usage") is False:
+                # diffusers keeps the float32 parts only on its low-memory path; the loaded weights are the same
+                del load_kwargs["low_cpu_mem_usage"]
             component_dtype = dtype.get(name, dtype.get("default")) if isinstance(dtype, dict) else dtype
             if component_dtype is not None:
                 load_kwargs[dtype_key] = component_dtype
@@ -228,7 +231,8 @@ class DiffAELoadingMixin:
         A repo id is first downloaded with `huggingface_hub.snapshot_download` (`revision`, `token`, `cache_dir`,
         `local_files_only` and `force_download` apply; offline, the cached snapshot is used), because diffusers
         cannot list third-party components of a Hub repo itself (huggingface/diffusers#6563). Model options
-        (`torch_dtype`/`dtype`, `variant`, `device_map`, `low_cpu_mem_usage`, ...) reach every model; components
+        (`torch_dtype`/`dtype`, `variant`, `device_map`, `low_cpu_mem_usage`, ...) reach every model (models with
+        `_keep_in_fp32_modules` load on diffusers' low-memory path, which alone keeps those parts); components
         given as arguments replace the saved ones. A component of another library, or a pipeline file, is
         refused with a `ValueError` unless `trust_remote_code=True`, which hands the folder to diffusers' own
         remote-code loading.
