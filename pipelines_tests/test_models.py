@@ -211,3 +211,21 @@ def test_fresh_decoder_is_zero_initialised_like_the_official_code():
     latent = LatentMLPDenoiser(**LATENT)
     assert latent.layers[0].linear.weight.std() > 0  # kaiming-normal init, not zeros
     assert ENCODER["out_channels"] == Z
+
+
+@pytest.mark.parametrize("with_time, with_z", [(True, True), (True, False), (False, True)])
+def test_resblock_modulation_is_the_official_formula(with_time, with_z):
+    """The fused AdaGN path equals the official `(h * (1 + t_s) + t_b) * (1 + z_s)` in float64, in each case."""
+    from diffusers_diffae.models.blocks import DiffAEResBlock
+
+    torch.manual_seed(0)
+    block = DiffAEResBlock(8, 8, temb_channels=16, z_sem_channels=Z).double()
+    h, temb, z_sem = torch.randn(2, 8, 4, 4).double(), torch.randn(2, 16).double(), torch.randn(2, Z).double()
+    expected = h
+    if with_time:
+        scale, shift = block.time_emb_proj(torch.nn.functional.silu(temb))[:, :, None, None].chunk(2, dim=1)
+        expected = expected * (1 + scale) + shift
+    if with_z:
+        expected = expected * (1 + block.z_sem_proj(torch.nn.functional.silu(z_sem))[:, :, None, None])
+    result = block._modulate(h, temb if with_time else None, z_sem if with_z else None)
+    torch.testing.assert_close(result, expected, atol=1e-12, rtol=1e-12)

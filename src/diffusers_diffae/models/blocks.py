@@ -21,6 +21,8 @@ class GroupNorm32(nn.GroupNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and (self.weight is None or self.weight.dtype == torch.float32):
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
@@ -117,6 +119,22 @@ class DiffAEResBlock(nn.Module):
             return F.interpolate(x, scale_factor=2.0, mode="nearest")
         return x
 
+    def _modulate(self, h: torch.Tensor, temb: Optional[torch.Tensor], z_sem: Optional[torch.Tensor]) -> torch.Tensor:
+        """`(h * (1 + t_s) + t_b) * (1 + z_s)` for `h` (B, C, H, W), computed as one `addcmul` over `h` with the
+        per-channel factors `(1 + t_s)(1 + z_s)` and `t_b (1 + z_s)` (B, C, 1, 1): one pass over the feature map
+        instead of three (the official order of operations, up to fp32 rounding)."""
+        gain, bias = None, None
+        if temb is not None:
+            scale, bias = self.time_emb_proj(F.silu(temb)).to(h.dtype)[:, :, None, None].chunk(2, dim=1)
+            gain = 1 + scale
+        if z_sem is not None and self.z_sem_proj is not None:
+            z_gain = 1 + self.z_sem_proj(F.silu(z_sem)).to(h.dtype)[:, :, None, None]
+            gain = z_gain if gain is None else gain * z_gain
+            bias = None if bias is None else bias * z_gain
+        if gain is None:
+            return h
+        return h * gain if bias is None else torch.addcmul(bias, h, gain)
+
     def forward(
         self, x: torch.Tensor, temb: Optional[torch.Tensor] = None, z_sem: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
@@ -127,13 +145,7 @@ class DiffAEResBlock(nn.Module):
         h = self.conv1(h)
 
         if self.conditioned:
-            h = self.norm2(h)
-            if temb is not None:
-                scale, shift = self.time_emb_proj(F.silu(temb)).to(h.dtype)[:, :, None, None].chunk(2, dim=1)
-                h = h * (1 + scale) + shift
-            if z_sem is not None and self.z_sem_proj is not None:
-                z_scale = self.z_sem_proj(F.silu(z_sem)).to(h.dtype)[:, :, None, None]
-                h = h * (1 + z_scale)
+            h = self._modulate(self.norm2(h), temb, z_sem)
             h = self.conv2(self.dropout(F.silu(h)))
 
         if self.conv_shortcut is not None:
