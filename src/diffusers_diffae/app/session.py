@@ -15,6 +15,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from ..image_processor import resize_notice
 from ..pipelines import DiffAELatents
 
 
@@ -36,21 +37,6 @@ class EncodedImage:
     latents: DiffAELatents  # z_sem (1, D), x_T (1, C, H, W)
     settings: EncodeSettings
     note: str  # what was done to the image on its way in (alignment, resizing)
-
-
-def resize_note(size, resolution: int) -> str:
-    """How the pipeline's preprocessing (shorter side to `resolution`, then the centre) treats a `size` (W, H) image."""
-    w, h = size
-    if (w, h) == (resolution, resolution):
-        return f"{w}x{h}, used as it is"
-    if w == h:
-        return f"{w}x{h} resized to {resolution}x{resolution}"
-    scale = resolution / min(w, h)
-    new = (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)
-    return (
-        f"{w}x{h}: shorter side resized to {resolution} ({new[0]}x{new[1]}, x{scale:.3g}), "
-        f"then the centre {resolution}x{resolution} kept"
-    )
 
 
 class EditorSession:
@@ -115,25 +101,22 @@ class EditorSession:
         align: bool = False,
         unaligned_ok: bool = False,
         name: str = "image",
+        unaligned_hint: str = "unaligned_ok=True",
     ) -> str:
         """Encodes `image` (optionally FFHQ-aligned first) unless these pixels were encoded with these settings;
         returns the key of its [`EncodedImage`]. Alignment errors (`FaceNotFoundError`) propagate."""
         notes = [f"input {image.width}x{image.height} {image.mode}"]
         if align:
-            from ..alignment import FaceNotFoundError, align_faces
+            from ..alignment import FaceNotFoundError, align_for_pipeline
 
-            processor = self.pipe.image_processor
-            size = max(256, self.pipe.resolution)
             try:
-                image = align_faces(image, size, num_channels=processor.num_channels, background=processor.background)[
-                    0
-                ]
-                notes.append(f"face aligned (FFHQ recipe) to {size}x{size}")
+                image = align_for_pipeline(self.pipe, image, unaligned_hint=unaligned_hint)[0]
+                notes.append(f"face aligned (FFHQ recipe) to {image.width}x{image.height}")
             except FaceNotFoundError:
                 if not unaligned_ok:
                     raise
                 notes.append("no face found: used unaligned, as asked")
-        notes.append(resize_note(image.size, self.pipe.resolution))
+        notes.append(resize_notice([image.size], self.pipe.resolution) or "used at the model resolution as it is")
         x = self.pipe.preprocess(image)  # (1, C, H, W) in [-1, 1], exactly what encode sees
         digest = hashlib.sha256(x.numpy().tobytes() + repr(settings).encode()).hexdigest()[:16]
         with self._lock:
@@ -261,10 +244,7 @@ class EditorSession:
 
     def few_shot_head(self, images: Sequence[PIL.Image.Image], labels: Sequence[bool], attribute: str):
         """A one-head classifier fitted on a few labelled images (paper §5.6), as `diffae demo` fits it."""
-        try:
-            from ..cli_demo import few_shot_head
-        except ImportError:  # before the demo had a module of its own
-            from ..cli import few_shot_head
+        from ..cli_demo import few_shot_head
 
         labels = torch.tensor([float(bool(v)) for v in labels])
         if not 0 < labels.sum() < len(labels):

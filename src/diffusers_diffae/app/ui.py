@@ -92,11 +92,11 @@ def build_app(session: EditorSession, model: Optional[str] = None, samples: Path
         return EncodeSettings(int(enc_steps), inversion, int(iterations))
 
     def encode(image, name, align, unaligned_ok, enc_steps, inversion, iterations):
+        hint = "tick 'use unaligned if no face is found'"
         try:
-            return session.encode(image, settings(enc_steps, inversion, iterations), align, unaligned_ok, name)
+            return session.encode(image, settings(enc_steps, inversion, iterations), align, unaligned_ok, name, hint)
         except ValueError as e:  # FaceNotFoundError included: shown to the user, nothing else happens
-            hint = " Tick 'use unaligned' to go on without alignment." if "no face" in str(e) else ""
-            raise gr.Error(f"{e}.{hint}") from e
+            raise gr.Error(str(e)) from e
 
     def downloads(key, image, strengths, dec_steps, target=None):
         extra = {"decode_steps": int(dec_steps), "strengths": strengths}
