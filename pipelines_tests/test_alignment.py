@@ -96,6 +96,8 @@ def test_no_face_is_a_clear_error_unless_unaligned_is_asked_for():
         FaceNotFoundError, match="no face found in the 96x80 image.*to use it unaligned: unaligned_ok=True"
     ):
         align_faces(plain)
+    with pytest.raises(FaceNotFoundError, match=r"no face found in the 96x80 image \(image 2\); to use it unaligned"):
+        align_faces([PIL.Image.fromarray(skimage_data.astronaut()), plain], output_size=32)
     (kept,) = align_faces(plain, unaligned_ok=True)
     assert kept.size == (96, 80)
     assert np.array_equal(np.asarray(kept), np.asarray(plain))
@@ -112,8 +114,6 @@ def test_cli_align_flag(astronaut, tmp_path, capsys):
     assert PIL.Image.open(tmp_path / "out" / "astronaut_reconstruction.png").size == (32, 32)
     assert "faces aligned (FFHQ recipe) to 32x32" in capsys.readouterr().err
     assert main(common + [str(tmp_path / "none"), "--images", str(emoji)]) == 1
-    assert "no face found in the 48x48 image (the image); to use it unaligned: pass --unaligned_ok" in (
-        capsys.readouterr().err
-    )
+    assert "no face found in the 48x48 image; to use it unaligned: pass --unaligned_ok" in (capsys.readouterr().err)
     assert not (tmp_path / "none" / "emoji_reconstruction.png").exists()
     assert main(common + [str(tmp_path / "none"), "--images", str(emoji), "--unaligned_ok"]) == 0

@@ -227,8 +227,8 @@ def align_faces(
                 results.append(align_face(image, output_size))
             except FaceNotFoundError as e:
                 if not unaligned_ok:
-                    which = f"image {len(results) + 1}" if len(items) > 1 or batch.shape[0] > 1 else "the image"
-                    raise FaceNotFoundError(f"{e} ({which}); to use it unaligned: {unaligned_hint}") from e
+                    which = f" (image {len(results) + 1})" if len(items) > 1 or batch.shape[0] > 1 else ""
+                    raise FaceNotFoundError(f"{e}{which}; to use it unaligned: {unaligned_hint}") from e
                 results.append(image)
     return results
 
