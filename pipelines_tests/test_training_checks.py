@@ -12,7 +12,7 @@ import _checkpoints
 import _common
 import train_attribute_classifier
 import train_diffae
-from training_helpers import QUIET, _reset_accelerate, run_main
+from training_helpers import QUIET, OneProcess, _reset_accelerate, run_main
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -214,35 +214,70 @@ def test_checkpoint_selection_skips_incomplete_folders(tmp_path):
         _checkpoints.resolve_resume_checkpoint(str(tmp_path / "checkpoint-99"), str(tmp_path))
 
 
-def test_checkpoint_rotation_keeps_the_checkpoint_just_written(tmp_path):
-    """--checkpoints_total_limit prunes only after the new checkpoint is complete, and never prunes that one, even
-    when a resume from an older checkpoint writes steps below those already in the folder."""
+def test_checkpoint_rotation_keeps_the_newest_the_one_just_written_and_the_resumed_one(tmp_path):
+    """--checkpoints_total_limit prunes only after the new checkpoint is complete; it keeps the newest by step, the
+    one just written (even below newer ones) and the one the run resumed from (`keep`)."""
     from accelerate import PartialState
 
-    class OneProcess:
-        is_main_process = True
-
-        def wait_for_everyone(self):
-            pass
-
-        def save_state(self, folder):
-            Path(folder, "model.safetensors").write_bytes(b"weights")
+    def save(step, keep=None):
+        _checkpoints.save_checkpoint(OneProcess(), str(tmp_path), step, {"global_step": step}, 2, keep=keep)
+        return [Path(c).name for c in _checkpoints.list_checkpoints(str(tmp_path))]
 
     _reset_accelerate()
     PartialState()  # the checkpoint module logs through accelerate
     try:
-        for step in (2, 8, 10):
-            _checkpoints.save_checkpoint(OneProcess(), str(tmp_path), step, {"global_step": step}, total_limit=2)
-        assert [Path(c).name for c in _checkpoints.list_checkpoints(str(tmp_path))] == [
-            "checkpoint-8",
-            "checkpoint-10",
-        ]
-        # Resumed from an older checkpoint: its next checkpoint stays although checkpoint-8 and 10 are newer.
-        _checkpoints.save_checkpoint(OneProcess(), str(tmp_path), 6, {"global_step": 6}, total_limit=2)
-        assert [Path(c).name for c in _checkpoints.list_checkpoints(str(tmp_path))] == [
-            "checkpoint-6",
-            "checkpoint-10",
-        ]
+        assert save(2) == ["checkpoint-2"]
+        assert save(8) == ["checkpoint-2", "checkpoint-8"]
+        assert save(10) == ["checkpoint-8", "checkpoint-10"]
+        resumed = str(tmp_path / "checkpoint-8")
+        assert save(11, keep=resumed) == ["checkpoint-8", "checkpoint-10", "checkpoint-11"]
+        assert save(12, keep=resumed) == ["checkpoint-8", "checkpoint-11", "checkpoint-12"]
+        assert save(6) == ["checkpoint-6", "checkpoint-11", "checkpoint-12"]
         assert not list(tmp_path.glob(".tmp-*")) and not list(tmp_path.glob(".trash-*"))
     finally:
         _reset_accelerate()
+
+
+def test_a_failed_checkpoint_write_leaves_nothing_and_says_why(tmp_path, monkeypatch):
+    """A write that fails deletes its partial folder; the message names the folder and the cause."""
+    import errno
+    import shutil
+
+    from accelerate import PartialState
+
+    def full_disk(folder):
+        Path(folder, "optimizer.bin").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def read_only(folder):
+        raise PermissionError(errno.EROFS, "Read-only file system")
+
+    def bug(folder):
+        raise KeyError("not a write error")
+
+    _reset_accelerate()
+    PartialState()
+    try:
+        _checkpoints.save_checkpoint(OneProcess(), str(tmp_path), 1, {"global_step": 1}, None)
+        for save_state, expected in (
+            (full_disk, f"could not write checkpoint-2 into {tmp_path}: the disk is full ("),
+            (read_only, f"could not write checkpoint-2 into {tmp_path}: Read-only file system."),
+        ):
+            with pytest.raises(_common.OutputWriteError) as info:
+                _checkpoints.save_checkpoint(OneProcess(save_state), str(tmp_path), 2, {"global_step": 2}, None)
+            assert str(info.value).startswith(expected)
+            assert str(info.value).endswith(f"(the last complete checkpoint is {tmp_path / 'checkpoint-1'})")
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
+        with pytest.raises(KeyError, match="not a write error"):  # a bug is no write error: it keeps its traceback
+            _checkpoints.save_checkpoint(OneProcess(bug), str(tmp_path), 2, {"global_step": 2}, None)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
+    finally:
+        _reset_accelerate()
+    # torch's zip writer gives no errno: a nearly empty disk identifies it.
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    assert _common.describe_write_error(torch_error, str(tmp_path), "x") is None
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    assert _common.describe_write_error(torch_error, str(tmp_path), "x") == (
+        f"could not write x into {tmp_path}: the disk is full (0.0 MiB free)"
+    )
+    assert _common.describe_write_error(KeyError("k"), str(tmp_path), "x") is None  # not a write error

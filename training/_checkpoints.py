@@ -1,24 +1,35 @@
 """Checkpoints of the training scripts: crash-safe `checkpoint-<step>` folders, resume, EMA, and output folders.
 
 A checkpoint is written by `accelerator.save_state` into a hidden folder and renamed into place once complete, with
-`training_state.json` written last; `--resume_from_checkpoint latest` only picks folders that have it. A resumed
-run may change some settings (precision, learning rate, batch, EMA decay): `training_state.json` records each as
-`[{"steps": [first, last], <key>: value}, ...]` so that the model card reports the whole run.
+`training_state.json` written last; `--resume_from_checkpoint latest` only picks folders that have it. A write that
+fails (a full disk) removes its hidden folder and stops the run with one line naming the folder and the cause.
+
+Before any data is read, `prepare_resume` checks the checkpoint a run resumes from (complete, undamaged, the same
+models, loadable random states) and refuses a checkpoint folder holding checkpoints newer than the step the run
+starts from: they would mix with the new run's, and `latest` could pick one of them after a crash. So the newest
+checkpoint by step is always the newest written, and rotation (`--checkpoints_total_limit`) keeps the newest ones
+by step, plus the one the run resumed from.
+
+A resumed run may change some settings (precision, learning rate, batch, EMA decay): `training_state.json` records
+each as `[{"steps": [first, last], <key>: value}, ...]` so that the model card reports the whole run.
 """
 
 import argparse
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
 import uuid
 import warnings
-from typing import Any, Dict, Iterator, List, Optional
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from accelerate.logging import get_logger
 
-from _common import TrainingInputError, write_pipeline_card
+from _common import OutputWriteError, TrainingInputError, describe_write_error, write_pipeline_card
 
 
 logger = get_logger(__name__)
@@ -49,7 +60,8 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser, checkpointing_defa
         "--checkpoints_total_limit",
         type=int,
         default=None,
-        help="Keep at most this many checkpoints (the oldest are deleted after a newer one is complete).",
+        help="Keep the newest N checkpoints (older ones are deleted once a newer one is complete), and the one the "
+        "run resumed from. Default: keep all.",
     )
     group.add_argument(
         "--resume_from_checkpoint",
@@ -57,6 +69,19 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser, checkpointing_defa
         default=None,
         help='Resume from a checkpoint folder (absolute, or relative to the checkpoint folder) or "latest" (the '
         "newest complete checkpoint; a fresh start if there is none).",
+    )
+    group.add_argument(
+        "--delete_newer_checkpoints",
+        action="store_true",
+        help="Delete the checkpoints of the checkpoint folder newer than the step the run starts from (all of them "
+        "for a fresh start) before training. Without it such a folder is refused: its checkpoints would mix with "
+        "the run's, and `latest` could pick one of them after a crash.",
+    )
+    group.add_argument(
+        "--ignore_unloadable_random_states",
+        action="store_true",
+        help="Resume even when a random_states_<process>.pkl of the checkpoint is missing or cannot be loaded: the "
+        "run goes on with other random states and no longer matches an uninterrupted one. Default: refuse.",
     )
 
 
@@ -181,11 +206,164 @@ def resolve_resume_checkpoint(resume: Optional[str], output_dir: str) -> Optiona
 
 
 def read_training_state(checkpoint: Optional[str]) -> Dict[str, Any]:
-    """The checkpoint's `training_state.json` (`{}` without a checkpoint)."""
+    """The checkpoint's `training_state.json` (`{}` without a checkpoint); a damaged one is a `TrainingInputError`."""
     if checkpoint is None:
         return {}
-    with open(os.path.join(checkpoint, TRAINING_STATE_FILE), encoding="utf-8") as f:
-        return json.load(f)
+    path = os.path.join(checkpoint, TRAINING_STATE_FILE)
+    state = _read_json(path)
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        raise TrainingInputError(f"{path} is damaged (no integer global_step); resume from another checkpoint")
+    return state
+
+
+def check_output_folder(path: str, option: str) -> None:
+    """Raises unless `path` is a folder this process can write into, or one it can create (nothing is created)."""
+    absolute = Path(path).absolute()
+    existing = next(p for p in [absolute, *absolute.parents] if p.exists())
+    if existing == absolute and not existing.is_dir():
+        raise TrainingInputError(f"{option} {path!r} is a file, not a folder")
+    if not existing.is_dir():
+        raise TrainingInputError(f"{option} {path!r} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TrainingInputError(f"{option} {path!r}: cannot write into {existing}")
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TrainingInputError(f"{path} is damaged ({e}); resume from another checkpoint") from e
+
+
+def _check_models(checkpoint: str, models: Dict[str, Optional[dict]], use_ema: bool) -> None:
+    """Each model of `models` (and its EMA with `use_ema`) is in the checkpoint, with the config the run builds."""
+    for name, config in models.items():
+        for folder in [name, f"{name}_ema"] if use_ema else [name]:
+            if config is None:
+                continue
+            path = os.path.join(checkpoint, folder, "config.json")
+            if not os.path.isfile(path):
+                why = "it was written without --use_ema" if folder != name else "the checkpoint is damaged"
+                raise TrainingInputError(
+                    f"{checkpoint} has no {folder}/ ({why}); resume with the options it was written with"
+                )
+            saved = _read_json(path)
+            for key, value in config.items():
+                if key in saved and json.loads(json.dumps(saved[key])) != json.loads(json.dumps(value)):
+                    raise TrainingInputError(
+                        f"{checkpoint}/{folder} was trained with {key}={saved[key]!r}, but this run builds "
+                        f"{key}={value!r}; resume with the model config the checkpoint was trained with"
+                    )
+
+
+def _check_files(checkpoint: str) -> None:
+    """Cheap integrity checks: safetensors headers cover their files, torch's zip files have their central
+    directory (a truncated file has neither), accelerate's optimizer and schedule states are there."""
+    from safetensors import safe_open
+
+    for name in ("optimizer.bin", "scheduler.bin"):
+        if not os.path.isfile(os.path.join(checkpoint, name)):
+            raise TrainingInputError(f"{checkpoint} has no {name}: the checkpoint is damaged; resume from another one")
+    for path in sorted(Path(checkpoint).rglob("*")):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), "pt"):
+                    pass
+            elif path.suffix == ".bin" and not zipfile.is_zipfile(path):  # random states: see below
+                raise ValueError("truncated or not a torch file")
+        except Exception as e:
+            raise TrainingInputError(f"{path} is damaged ({e}); resume from another checkpoint") from e
+
+
+def _check_random_states(checkpoint: str, state: Dict[str, Any], ignore: bool) -> None:
+    """accelerate's `load_state` only logs (at INFO) a random state it cannot load and goes on with others, which
+    breaks the exact resume; refuse instead, unless `ignore`."""
+    import random
+
+    import accelerate.utils
+    import numpy as np
+    import torch
+
+    for process in range(int(state.get("num_processes", 1))):
+        path = os.path.join(checkpoint, f"random_states_{process}.pkl")
+        try:
+            if not os.path.isfile(path):
+                raise FileNotFoundError("missing")
+            states = accelerate.utils.load(path)  # as accelerate loads it, applied to throwaway generators
+            random.Random().setstate(states["random_state"])
+            np.random.RandomState().set_state(states["numpy_random_seed"])
+            torch.Generator().set_state(states["torch_manual_seed"])
+        except Exception as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if ignore:
+                logging.getLogger(__name__).warning(
+                    f"{path} cannot be loaded ({reason}); --ignore_unloadable_random_states: going on with other "
+                    "random states, so this run will not match an uninterrupted one"
+                )
+                continue
+            raise TrainingInputError(
+                f"{path} cannot be loaded ({reason}), so the resumed run would not match an uninterrupted one; "
+                "resume from another checkpoint, or pass --ignore_unloadable_random_states"
+            ) from e
+
+
+def _newer_checkpoints(checkpoint_dir: str, start_step: int, delete: bool) -> None:
+    """Refuses (or, with `delete`, deletes) the complete checkpoints of `checkpoint_dir` newer than `start_step`."""
+    newer = [path for path in list_checkpoints(checkpoint_dir) if checkpoint_step(path) > start_step]
+    if not newer:
+        return
+    names = ", ".join(os.path.basename(path) for path in newer[-3:])
+    start = f"starts at step {start_step}" if start_step else "starts from scratch"
+    if not delete:
+        raise TrainingInputError(
+            f"{checkpoint_dir} holds {len(newer)} checkpoint(s) newer than this run, which {start} (up to {names}); "
+            "they would mix with its checkpoints. Resume from the newest (--resume_from_checkpoint latest), use "
+            "another folder, or pass --delete_newer_checkpoints"
+        )
+    for path in newer:  # every process may run this: whoever renames a folder first deletes it
+        trash = os.path.join(checkpoint_dir, f".trash-{uuid.uuid4().hex}")
+        try:
+            os.replace(path, trash)
+        except FileNotFoundError:
+            continue
+        shutil.rmtree(trash, ignore_errors=True)
+    logging.getLogger(__name__).warning(
+        f"--delete_newer_checkpoints: deleted {len(newer)} checkpoint(s) up to {names}"
+    )
+
+
+def prepare_resume(
+    args: argparse.Namespace, checkpoint_dir: str, models: Optional[Dict[str, Optional[dict]]] = None
+) -> Tuple[Optional[str], Dict[str, Any]]:
+    """The checkpoint to resume from (None: a fresh start) and its `training_state.json`, after every check that
+    needs no data or model, so that a bad resume fails in one line before the long work:
+
+    - --checkpointing_steps is not negative, --checkpoints_total_limit is at least 1;
+    - --output_dir and the checkpoint folder can be written;
+    - the checkpoint is complete and undamaged and holds each of `models` (folder name -> the config this run
+      builds, or None to skip; their EMA folders too with --use_ema) with the same config;
+    - its random states load (unless --ignore_unloadable_random_states);
+    - `checkpoint_dir` holds no complete checkpoint newer than the step the run starts from (with
+      --delete_newer_checkpoints they are deleted).
+    """
+    if args.checkpointing_steps < 0:
+        raise TrainingInputError(
+            f"--checkpointing_steps must not be negative (0: no checkpoints), got {args.checkpointing_steps}"
+        )
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise TrainingInputError(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
+    check_output_folder(args.output_dir, "--output_dir")
+    if os.path.abspath(checkpoint_dir) != os.path.abspath(args.output_dir):
+        check_output_folder(checkpoint_dir, "the checkpoint folder")
+    checkpoint = resolve_resume_checkpoint(args.resume_from_checkpoint, checkpoint_dir)
+    state = read_training_state(checkpoint)
+    if checkpoint is not None:
+        _check_files(checkpoint)
+        _check_models(checkpoint, models or {}, getattr(args, "use_ema", False))
+        _check_random_states(checkpoint, state, args.ignore_unloadable_random_states)
+    _newer_checkpoints(checkpoint_dir, int(state.get("global_step", 0)), args.delete_newer_checkpoints)
+    return checkpoint, state
 
 
 def _fsync_tree(path: str) -> None:
@@ -213,33 +391,65 @@ def _replace(source: str, target: str, trash_dir: str) -> None:
         os.replace(source, target)
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, state: Dict[str, Any], total_limit: Optional[int]) -> str:
+def _any_process(accelerator, failed: bool) -> bool:
+    """True on every process when any process failed (a collective: every process calls it at the same point)."""
+    import torch
+
+    if accelerator.num_processes == 1:
+        return failed
+    flag = torch.tensor(float(failed), device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def save_checkpoint(
+    accelerator,
+    output_dir: str,
+    step: int,
+    state: Dict[str, Any],
+    total_limit: Optional[int],
+    keep: Optional[str] = None,
+) -> str:
     """Writes `checkpoint-<step>` so that it is either complete or absent, on every process.
 
     `accelerator.save_state` writes into a hidden temporary folder (every process writes its RNG state there);
     the main process then adds `training_state.json`, flushes and renames the folder into place, and only then
-    prunes old checkpoints. A crash at any moment leaves at most a `.tmp-*` folder, which `latest` never picks.
+    prunes old checkpoints: it keeps the `total_limit` newest by step, the one just written and `keep` (the one the
+    run resumed from). A crash at any moment leaves at most a `.tmp-*` folder, which `latest` never picks; a write
+    that fails (a full disk) deletes it and raises `OutputWriteError` on every process.
     """
     # Not ProjectConfiguration(total_limit=...): accelerate deletes old checkpoints before writing the new one in
     # place, so a kill -9 mid-save could leave only a partial checkpoint (and numbers them by save, not by step).
     final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
     temporary = os.path.join(output_dir, f".tmp-{CHECKPOINT_PREFIX}{step}")
+    error = None
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
+            os.makedirs(temporary)
+    except OSError as e:
+        error = e
+    if not _any_process(accelerator, error is not None):
+        try:
+            accelerator.save_state(temporary)
+        except Exception as e:
+            error = e
+    if not _any_process(accelerator, error is not None) and accelerator.is_main_process:
+        try:
+            with open(os.path.join(temporary, TRAINING_STATE_FILE), "w", encoding="utf-8") as f:
+                json.dump(state, f, indent=2)
+            _fsync_tree(temporary)
+            _replace(temporary, final, output_dir)  # the same step may be saved again after a resume
+        except Exception as e:
+            error = e
+    if _any_process(accelerator, error is not None):
+        _checkpoint_failed(accelerator, error, output_dir, f"{CHECKPOINT_PREFIX}{step}", temporary)
     if accelerator.is_main_process:
-        shutil.rmtree(temporary, ignore_errors=True)
-        os.makedirs(temporary)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(temporary)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(os.path.join(temporary, TRAINING_STATE_FILE), "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=2)
-        _fsync_tree(temporary)
-        _replace(temporary, final, output_dir)  # the same step may be saved again after a resume
-        if total_limit is not None and total_limit > 0:
-            # The checkpoint just written stays even when newer steps exist (a resume from an older checkpoint).
-            others = [path for path in list_checkpoints(output_dir) if path != final]
-            for old in others[: max(0, len(others) + 1 - total_limit)]:
-                shutil.rmtree(old, ignore_errors=True)
+        if total_limit is not None:
+            checkpoints = list_checkpoints(output_dir)
+            kept = {os.path.realpath(path) for path in checkpoints[-total_limit:] + [final] + ([keep] if keep else [])}
+            for old in checkpoints:
+                if os.path.realpath(old) not in kept:  # renamed first: a kill mid-deletion leaves only a .trash-*
+                    os.replace(old, os.path.join(output_dir, f".trash-{uuid.uuid4().hex}"))
         for name in os.listdir(output_dir):  # leftovers of runs killed mid-save
             if name.startswith((".tmp-", ".trash-")):
                 shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
@@ -248,19 +458,41 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: Dict[str, An
     return final
 
 
+def _checkpoint_failed(accelerator, error: Optional[BaseException], output_dir: str, name: str, temporary: str):
+    """Deletes the partial checkpoint, then raises: `OutputWriteError` for a failed write (full disk, read-only
+    folder) or on a process whose peer failed, the error itself otherwise (a bug keeps its traceback)."""
+    message = None if error is None else describe_write_error(error, output_dir, name)  # before the deletion
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+    if error is not None and message is None:
+        raise error
+    previous = list_checkpoints(output_dir)
+    last = f"the last complete checkpoint is {previous[-1]}" if previous else "no complete checkpoint was written"
+    message = message or f"another process could not write {name} into {output_dir}"
+    raise OutputWriteError(f"{message}. Nothing half-written was left ({last})") from error
+
+
 @contextlib.contextmanager
 def staged_output(output_dir: str) -> Iterator[str]:
     """Yields a hidden staging folder inside `output_dir`; on exit moves its entries into `output_dir`.
 
     Each entry replaces the one of the same name with one rename, so a crash leaves each component either old or
     new, never half-written, and unrelated entries (checkpoints, logs) stay. `model_index.json` moves last: it
-    names the components, so it must only point at ones already in place.
+    names the components, so it must only point at ones already in place. If writing fails, the staging folder is
+    deleted and the folder keeps its old content; a full disk or a read-only folder is an `OutputWriteError`.
     """
     staging = os.path.join(output_dir, f".tmp-pipeline-{uuid.uuid4().hex[:8]}")
-    os.makedirs(staging)
-    yield staging
-    for name in sorted(os.listdir(staging), key=lambda n: (n == "model_index.json", n)):
-        _replace(os.path.join(staging, name), os.path.join(output_dir, name), output_dir)
+    try:
+        os.makedirs(staging)
+        yield staging
+        for name in sorted(os.listdir(staging), key=lambda n: (n == "model_index.json", n)):
+            _replace(os.path.join(staging, name), os.path.join(output_dir, name), output_dir)
+    except Exception as e:
+        message = describe_write_error(e, output_dir, "the pipeline")  # before the deletion frees space
+        shutil.rmtree(staging, ignore_errors=True)
+        if message is None:
+            raise
+        raise OutputWriteError(f"{message}; the folder keeps its previous content") from e
     shutil.rmtree(staging, ignore_errors=True)
 
 

@@ -251,7 +251,12 @@ def _check_size(size, entry: Any, row: int, args: argparse.Namespace) -> None:
 
 
 def to_rgb(image: PIL.Image.Image, background: int) -> PIL.Image.Image:
-    """RGB with transparency composited onto a flat background (emoji and icons are mostly transparent)."""
+    """RGB with transparency composited onto a flat background (emoji and icons are mostly transparent); 16-bit
+    images are scaled to 8 bits (PIL's `convert` would clip them at 255: all white)."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        from diffusers_diffae.image_processor import pil_to_array
+
+        return PIL.Image.fromarray(np.rint(pil_to_array(image, 3) * 255).astype(np.uint8))
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -384,7 +385,11 @@ def main(argv=None) -> int:
 
     from diffusers_diffae import AttributeClassifier
 
-    # 0. the trained autoencoder and the accelerator (the heads train on the main process; encoding is shared)
+    # 0. the outputs, the trained autoencoder and the accelerator (the heads train on the main process)
+    _checkpoints.check_output_folder(args.output_dir, "--output_dir")
+    if os.path.isdir(args.report_path):
+        raise TrainingInputError(f"--report_path {args.report_path!r} is a folder; give a JSON file name")
+    _checkpoints.check_output_folder(os.path.dirname(os.path.abspath(args.report_path)), "--report_path's folder")
     pipe = _models.load_autoencoder(args)
     accelerator = _common.make_accelerator()
 
@@ -474,9 +479,11 @@ def main(argv=None) -> int:
         logger.info(f"{name}: {', '.join(values)}")
     pipe.register_modules(classifier=final.to("cpu"))
     _checkpoints.save_stage(pipe, args, "Attribute classifier", card_notes(args, summary))
-    os.makedirs(os.path.dirname(os.path.abspath(args.report_path)), exist_ok=True)
-    with open(args.report_path, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+    _common.write_file_atomically(
+        args.report_path,
+        lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2), encoding="utf-8"),
+        "the report",
+    )
     logger.info(f"added the classifier to {args.output_dir}; report: {args.report_path}")
     if args.push_to_hub:
         _common.push_to_hub(args, args.output_dir, "attribute classifier")

@@ -321,9 +321,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     # 0. the checkpoint to resume from and the model configs, checked before any data
-    resume_checkpoint = _checkpoints.resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    resume_state = _checkpoints.read_training_state(resume_checkpoint)
     configs = _models.diffae_configs(args)
+    models = {} if args.use_lora else {"unet": configs["unet"], "encoder": configs["encoder"]}
+    resume_checkpoint, resume_state = _checkpoints.prepare_resume(args, args.output_dir, models)
 
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
@@ -535,7 +535,12 @@ def main(argv=None) -> int:
                 if args.checkpointing_steps and (global_step % args.checkpointing_steps == 0 or time_up):
                     monitor.check(accelerator, global_step, parameters)  # a checkpoint never holds NaN weights
                     monitor.last_checkpoint = _checkpoints.save_checkpoint(
-                        accelerator, args.output_dir, global_step, checkpoint_state(), args.checkpoints_total_limit
+                        accelerator,
+                        args.output_dir,
+                        global_step,
+                        checkpoint_state(),
+                        args.checkpoints_total_limit,
+                        keep=resume_checkpoint,
                     )
                 if args.validation_steps and global_step % args.validation_steps == 0:
                     validate()

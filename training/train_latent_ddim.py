@@ -118,8 +118,10 @@ def main(argv=None) -> int:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     # 0. the trained autoencoder, the denoiser's config and the latent noise schedule, checked before any data
     pipe = _models.load_autoencoder(args)
-    resume_checkpoint = _checkpoints.resolve_resume_checkpoint(args.resume_from_checkpoint, args.checkpoint_dir)
-    resume_state = _checkpoints.read_training_state(resume_checkpoint)
+    width = pipe.encoder.config.out_channels
+    config = _models.latent_config(args, width)
+    models = {"latent_denoiser": config}
+    resume_checkpoint, resume_state = _checkpoints.prepare_resume(args, args.checkpoint_dir, models)
 
     from diffusers import DDIMScheduler, DDPMScheduler
     from tqdm.auto import tqdm
@@ -128,8 +130,6 @@ def main(argv=None) -> int:
     from diffusers_diffae.presets import _ddim_config
     from diffusers_diffae.training_utils import latent_ddim_loss
 
-    width = pipe.encoder.config.out_channels
-    config = _models.latent_config(args, width)
     try:
         scheduler_config = _ddim_config(
             pipe.scheduler.config.num_train_timesteps, args.latent_beta_schedule, clip_sample=False
@@ -266,7 +266,12 @@ def main(argv=None) -> int:
                     monitor.check(accelerator, global_step, inner.parameters())  # a checkpoint never holds NaN weights
                     state = {"global_step": global_step, "seed": seed, "num_processes": accelerator.num_processes}
                     monitor.last_checkpoint = _checkpoints.save_checkpoint(
-                        accelerator, args.checkpoint_dir, global_step, state, args.checkpoints_total_limit
+                        accelerator,
+                        args.checkpoint_dir,
+                        global_step,
+                        state,
+                        args.checkpoints_total_limit,
+                        keep=resume_checkpoint,
                     )
                 if args.validation_steps and global_step % args.validation_steps == 0:
                     validate()
