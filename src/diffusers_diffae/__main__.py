@@ -1,4 +1,4 @@
-"""`python -m diffusers_diffae demo|encode|decode|reconstruct|interpolate|edit|sample|convert` (same as `diffae`)."""
+"""`python -m diffusers_diffae <command> ...`: the `diffae` command (`python -m diffusers_diffae --help` lists them)."""
 
 import sys
 

@@ -194,8 +194,14 @@ def write_all(saves: Sequence[Tuple[Callable[[Path], None], Path]]) -> None:
             f"error: cannot write {Path(str(where)).parent if where else 'the outputs'}: {e.strerror or e}; "
             "nothing was written"
         ) from e
-    for tmp, (_, path) in zip(temporary, saves):
-        os.replace(tmp, path)
+    for done, (tmp, (_, path)) in enumerate(zip(temporary, saves)):
+        try:
+            os.replace(tmp, path)
+        except OSError as e:  # a rename in one folder: only a folder removed meanwhile or a changed mount get here
+            for left in temporary[done:]:
+                left.unlink(missing_ok=True)
+            raise SystemExit(f"error: cannot rename {tmp} to {path}: {e.strerror or e}; {done} of {len(saves)} "
+                             "outputs were written")  # fmt: skip
 
 
 def write_images(images, files: List[Path]) -> int:
