@@ -165,6 +165,13 @@ class _CheckpointedBlock(nn.Module):
             return self._gradient_checkpointing_func(module, *args)
         return module(*args)
 
+    def _attend(self, attention: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """Attention over `h` (B, C, H, W), returned in `h`'s memory layout: diffusers' `Attention` hands back a
+        channels-last view, which would otherwise spread to every later activation and make each convolution with
+        contiguous weights convert its input, its output and its weight gradient."""
+        memory_format = torch.contiguous_format if h.is_contiguous() else torch.channels_last
+        return self._run(attention, h).contiguous(memory_format=memory_format)
+
 
 class DiffAEDownBlock2D(_CheckpointedBlock):
     """One resolution level of the contracting path: `num_layers` res blocks (each optionally followed by
@@ -208,7 +215,7 @@ class DiffAEDownBlock2D(_CheckpointedBlock):
         for i, resnet in enumerate(self.resnets):
             h = self._run(resnet, h, temb, z_sem)
             if self.attentions is not None:
-                h = self._run(self.attentions[i], h)
+                h = self._attend(self.attentions[i], h)
             states.append(h)
         if self.downsamplers is not None:
             h = self._run(self.downsamplers[0], h, temb, z_sem)
@@ -264,7 +271,7 @@ class DiffAEMidBlock2D(_CheckpointedBlock):
 
     def forward(self, h, temb=None, z_sem=None):
         h = self._run(self.resnets[0], h, temb, z_sem)
-        h = self._run(self.attention, h)
+        h = self._attend(self.attention, h)
         return self._run(self.resnets[1], h, temb, z_sem)
 
 
@@ -311,7 +318,7 @@ class DiffAEUpBlock2D(_CheckpointedBlock):
             h = torch.cat([h, skips[-1 - i]], dim=1)
             h = self._run(resnet, h, temb, z_sem)
             if self.attentions is not None:
-                h = self._run(self.attentions[i], h)
+                h = self._attend(self.attentions[i], h)
         if self.upsamplers is not None:
             h = self._run(self.upsamplers[0], h, temb, z_sem)
         return h
