@@ -159,7 +159,8 @@ def add_optimization_arguments(parser, train_batch_size: int, optimizer: str, we
         type=str,
         default=None,
         choices=["no", "fp16", "bf16"],
-        help="Autocast precision (default: accelerate config). The official models trained in fp16.",
+        help="Autocast precision (default: accelerate config; train_diffae.py takes bf16 on a CPU-only machine with "
+        "native bf16). The official models trained in fp16.",
     )
     group.add_argument("--seed", type=int, default=None, help="Seed of weights, noise, timesteps and data order.")
     group.add_argument(

@@ -1,0 +1,85 @@
+"""The fast defaults of `training/train_diffae.py` keep the official training loss.
+
+The loss is checked on the official parity fixture (`ema.train_loss_mse`: the unmodified official
+`training_losses` on fixed x0, t and noise), with every precision the defaults can pick. Speed itself is measured by
+benchmarks/bench_vs_official.py, not here.
+"""
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from safetensors.torch import load_file
+
+import _common
+import _models
+import train_diffae
+from diffusers_diffae.convert import convert_official_checkpoint
+
+
+# Largest relative difference per image from the official fp32 loss: fp32 differs only by summation order; bf16
+# autocast (fp32 weights, GroupNorm and loss in fp32) measured 4e-4 on this fixture.
+LOSS_TOLERANCE = {None: 1e-5, "no": 1e-5, "bf16": 2e-3}
+
+
+@pytest.fixture(scope="module")
+def fixture(official_dir):
+    pipe = convert_official_checkpoint(official_dir / "last.ckpt", official_dir / "config.json", use_ema=True)
+    inputs = load_file(official_dir / "inputs.safetensors")
+    official_loss = load_file(official_dir / "outputs.safetensors")["ema.train_loss_mse"]
+    return pipe, inputs, official_loss
+
+
+def default_args(*options):
+    return train_diffae.parse_args(["--train_data_dir", ".", "--resolution", "32", *map(str, options)])
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_default_precision_follows_the_hardware(monkeypatch, native_bf16):
+    monkeypatch.setattr(_models, "native_bf16_cpu", lambda: native_bf16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_args().mixed_precision == ("bf16" if native_bf16 else None)
+    assert default_args("--mixed_precision", "no").mixed_precision == "no"  # an explicit choice always wins
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_args().mixed_precision is None  # on a GPU: accelerate's configured default
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_default_training_loss_matches_the_official_loss(fixture, monkeypatch, native_bf16):
+    """The per-image loss of the training module, in the layout and precision the defaults pick on a CPU with and
+    without native bf16, against the official code's loss on the same batch."""
+    pipe, inputs, official_loss = fixture
+    monkeypatch.setattr(_models, "native_bf16_cpu", lambda: native_bf16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = default_args()
+    memory_format = _models.resolve_memory_format(args.memory_format, 32)
+    unet, encoder = pipe.unet.to(memory_format=memory_format), pipe.encoder.to(memory_format=memory_format)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    module = train_diffae.DiffAETrainingModule(unet, encoder, noise_scheduler).eval()  # no dropout, as the fixture
+    x0, noise = (inputs[k].contiguous(memory_format=memory_format) for k in ("x0", "noise"))
+    with torch.no_grad(), train_diffae.autocast(args.mixed_precision, x0.device):
+        loss = module(x0, inputs["t"], noise)
+    assert loss.dtype == torch.float32
+    relative = ((loss - official_loss).abs() / official_loss).max().item()
+    assert relative <= LOSS_TOLERANCE[args.mixed_precision], (args.mixed_precision, relative)
+    if args.mixed_precision == "bf16":
+        assert relative > 0  # autocast really ran in bf16 (an fp32 run matches to ~1e-7)
+
+
+def test_optimizer_is_fused_and_takes_the_same_adam_step():
+    """The fused Adam of `make_optimizer` moves the weights as torch's per-parameter Adam, up to fp32 rounding."""
+    torch.manual_seed(0)
+    weights = [torch.randn(64, 32), torch.randn(32)]
+    grads = [torch.randn_like(w) for w in weights]
+    results = []
+    for fused in (True, False):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        args = default_args()
+        optimizer = _common.make_optimizer(args, params, 1e-3) if fused else torch.optim.Adam(params, lr=1e-3)
+        assert optimizer.defaults.get("fused") is (True if fused else None)
+        for _ in range(3):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            optimizer.step()
+        results.append(params)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
