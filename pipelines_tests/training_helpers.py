@@ -86,20 +86,20 @@ class OneProcess:
         Path(folder, "model.safetensors").write_bytes(b"weights")
 
 
-def kill_and_resume(argv, output_dir, kills: int, seed: int, max_delay: float, timeout: float) -> dict:
+def kill_and_resume(argv, output_dir, kills: int, seed: int, timeout: float) -> dict:
     """Runs `train_diffae.py argv --output_dir <output_dir>/reference` uninterrupted, then the same run into
     `<output_dir>/killed` with `--resume_from_checkpoint latest`, killed with SIGKILL `kills` times and restarted
-    each time, until a run finishes. Even kills come a random (seeded) delay of up to `max_delay` seconds after the
-    run has written a new checkpoint, so they land anywhere in a step, a checkpoint write or the pruning; odd ones
-    up to 20 ms after the write of the next checkpoint has begun, so they land inside a checkpoint write.
+    each time, until a run finishes. Even kills come a random (seeded) fraction of a step (timed on the reference)
+    after the run has written a new checkpoint, so they land anywhere in a step, a checkpoint write or the pruning;
+    odd ones up to 20 ms after the write of the next checkpoint has begun, so they land inside a checkpoint write.
 
     The runs are forked from one helper process that imported everything once (an import costs seconds, a fork
     nothing) and never computes, so each fork starts with fresh thread pools. Returns `{"kills": [{"resumed_at":
     step, "delay": s, "mid_save": whether the kill left a partial checkpoint}, ...], "exit_codes": [...],
-    "reference_exit_code": c}`.
+    "reference_exit_code": c, "step_time": s}`.
     """
     config = {"argv": [str(a) for a in argv], "output_dir": str(output_dir), "kills": kills, "seed": seed,
-              "max_delay": max_delay, "timeout": timeout}  # fmt: skip
+              "timeout": timeout}  # fmt: skip
     code = f"import sys; sys.path[:0] = {[str(Path(__file__).parent), str(TRAINING_DIR)]!r}; "
     code += "import training_helpers; training_helpers._kill_and_resume_driver()"
     result = subprocess.run(
@@ -159,8 +159,18 @@ def _kill_and_resume_driver() -> None:
     out = Path(config["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + config["timeout"]
-    _, status = os.waitpid(_fork_run([*config["argv"], "--output_dir", out / "reference"], out / "reference.log"), 0)
+    reference = out / "reference"
+    pid = _fork_run([*config["argv"], "--output_dir", reference], out / "reference.log")
+    appeared = {}  # step -> when its checkpoint appeared
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        appeared.setdefault(_newest_step(reference), time.monotonic())
+        time.sleep(0.002)
     reference_code = os.waitstatus_to_exitcode(status)
+    times = sorted(appeared[k + 1] - appeared[k] for k in appeared if k > 0 and k + 1 in appeared)
+    step_time = times[len(times) // 2] if times else 0.1  # one step with its checkpoint (the median)
 
     killed = out / "killed"
     argv = [*config["argv"], "--output_dir", killed, "--resume_from_checkpoint", "latest"]
@@ -172,7 +182,7 @@ def _kill_and_resume_driver() -> None:
         if len(kills) < config["kills"]:
             _wait_for(lambda: _newest_step(killed) > before, pid)
             if len(kills) % 2 == 0:
-                delay = rng.uniform(0, config["max_delay"])
+                delay = rng.uniform(0, step_time)
             else:
                 partial = killed / f".tmp-checkpoint-{_newest_step(killed) + 1}"
                 _wait_for(partial.exists, pid)
@@ -185,4 +195,5 @@ def _kill_and_resume_driver() -> None:
             break
         mid_save = any(p.name.startswith(".tmp-checkpoint-") for p in killed.iterdir())
         kills.append({"resumed_at": before, "delay": round(delay, 4), "mid_save": mid_save})
-    print(json.dumps({"kills": kills, "exit_codes": codes, "reference_exit_code": reference_code}))
+    summary = {"kills": kills, "exit_codes": codes, "reference_exit_code": reference_code, "step_time": step_time}
+    print(json.dumps(summary))

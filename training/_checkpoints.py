@@ -1,14 +1,11 @@
 """Checkpoints of the training scripts: crash-safe `checkpoint-<step>` folders, resume, EMA, and output folders.
 
 A checkpoint is written by `accelerator.save_state` into a hidden folder and renamed into place once complete, with
-`training_state.json` written last; `--resume_from_checkpoint latest` only picks folders that have it. A write that
-fails (a full disk) removes its hidden folder and stops the run with one line naming the folder and the cause.
-
-Before any data is read, `prepare_resume` checks the checkpoint a run resumes from (complete, undamaged, the same
-models, loadable random states) and refuses a checkpoint folder holding checkpoints newer than the step the run
-starts from: they would mix with the new run's, and `latest` could pick one of them after a crash. So the newest
-checkpoint by step is always the newest written, and rotation (`--checkpoints_total_limit`) keeps the newest ones
-by step, plus the one the run resumed from.
+`training_state.json` written last; `--resume_from_checkpoint latest` only picks folders that have it. A failed
+write (a full disk) deletes its hidden folder and stops the run with one line naming the folder and the cause.
+`prepare_resume` checks a resume before any data is read, and refuses a folder holding checkpoints newer than the
+step the run starts from (they would mix with its own, and `latest` could pick one after a crash): so the newest
+checkpoint by step is the newest written, and rotation keeps the newest by step plus the one resumed from.
 
 A resumed run may change some settings (precision, learning rate, batch, EMA decay): `training_state.json` records
 each as `[{"steps": [first, last], <key>: value}, ...]` so that the model card reports the whole run.
