@@ -94,8 +94,14 @@ class DenoisingLoopMixin:
                 for name in state:
                     state[name] = outputs.pop(name, state[name])
 
+    @staticmethod
+    def _state_dtype(model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of a loop's state: float32 for half-precision models, so the DDIM arithmetic stays float32."""
+        return torch.promote_types(model_dtype, torch.float32)
+
     def _noise(self, x: torch.Tensor, t, z_sem: Optional[torch.Tensor], chunk_size: Optional[int]) -> torch.Tensor:
-        """The UNet's eps (B, C, H, W) for x (B, C, H, W) at timestep t, in chunks of `chunk_size` images (`None`:
-        `default_chunk_size` of the pipeline's resolution)."""
+        """The UNet's eps (B, C, H, W) for x (B, C, H, W) at timestep t, computed in the UNet's dtype in chunks of
+        `chunk_size` images (`None`: `default_chunk_size` of the pipeline's resolution), returned in x's dtype."""
         chunk_size = chunk_size or default_chunk_size(self.resolution)
-        return chunked(lambda x_, z_: self.unet(x_, t, z_).sample, chunk_size, x, z_sem)
+        dtype = self.unet.dtype
+        return chunked(lambda x_, z_: self.unet(x_.to(dtype), t, z_).sample, chunk_size, x, z_sem).to(x.dtype)

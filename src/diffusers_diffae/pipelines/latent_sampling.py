@@ -36,15 +36,17 @@ class LatentSamplingMixin:
         callback, names = callback_on_step_end, callback_on_step_end_tensor_inputs
         names = self._callback_inputs(callback, names, self._latent_callback_tensor_inputs)
         device, dtype = self._execution_device, self.latent_denoiser.dtype
+        state_dtype = self._state_dtype(dtype)  # the DDIM state stays float32 for a half-precision denoiser
         width = self.latent_denoiser.config.num_channels
         check_latent_noise(z_noise, batch_size, width)
         if z_noise is None:
-            z_noise = randn_tensor((batch_size, width), generator=generator, device=device, dtype=dtype)
-        state = {"latents": z_noise.to(device=device, dtype=dtype) * self.latent_scheduler.init_noise_sigma}
+            z_noise = randn_tensor((batch_size, width), generator=generator, device=device, dtype=state_dtype)
+        state = {"latents": z_noise.to(device=device, dtype=state_dtype) * self.latent_scheduler.init_noise_sigma}
         self.latent_scheduler.set_timesteps(num_inference_steps, device=device)
         kwargs = step_kwargs(self.latent_scheduler, generator, 0.0)
         for _, t in self._loop(self.latent_scheduler.timesteps, state, callback, names):
-            eps = self.latent_denoiser(self.latent_scheduler.scale_model_input(state["latents"], t), t).sample
+            z_t = self.latent_scheduler.scale_model_input(state["latents"], t).to(dtype)
+            eps = self.latent_denoiser(z_t, t).sample.to(state_dtype)
             state["latents"] = self.latent_scheduler.step(eps, t, state["latents"], **kwargs).prev_sample
         z = state["latents"]
         return z if return_normalized else self.latent_denoiser.denormalize_z_sem(z)

@@ -156,15 +156,14 @@ class DiffAEPipeline(DiffAELoadingMixin, LatentSamplingMixin, DenoisingLoopMixin
             raise ValueError("encode needs the encoder component; a DDIM baseline inverts with invert(x0, None)")
         check_chunk_size(chunk_size)
         # 1. images -> (B, C, H, W) in [-1, 1]
-        dtype = self.unet.dtype
-        x0 = self.preprocess(images).to(device=self._execution_device, dtype=self.encoder.dtype)
+        x0 = self.preprocess(images).to(device=self._execution_device)
         # 2. semantic encoder
         chunk = chunk_size or default_chunk_size(self.resolution)
-        z_sem = chunked(lambda x: self.encoder(x).z_sem, chunk, x0).to(dtype)
+        z_sem = chunked(lambda x: self.encoder(x.to(self.encoder.dtype)).z_sem, chunk, x0).to(self.unet.dtype)
         # 3. stochastic encoder
         x_T = None
         if stochastic:
-            x_T = self.invert(x0.to(dtype), z_sem, num_inference_steps, chunk_size=chunk, **inversion_kwargs)
+            x_T = self.invert(x0, z_sem, num_inference_steps, chunk_size=chunk, **inversion_kwargs)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (z_sem, x_T)
@@ -197,7 +196,8 @@ class DiffAEPipeline(DiffAELoadingMixin, LatentSamplingMixin, DenoisingLoopMixin
         The UNet sees at most `chunk_size` images per call (default: `default_chunk_size(resolution)`); the result
         does not depend on it. `callback_on_step_end(pipe, i, t, tensors)` runs after each step with the tensors
         named in `callback_on_step_end_tensor_inputs` ("latents": x at the level reached, "z_sem"); an interrupt
-        (`pipe._interrupt = True`) returns the x reached so far.
+        (`pipe._interrupt = True`) returns the x reached so far. x_T is float32 for half-precision UNets (the DDIM
+        arithmetic runs in float32; only the UNet computes in its dtype).
         """
         check_steps(num_inference_steps, self.inverse_scheduler)
         check_codes(z_sem, x0, self.z_sem_width, self.image_shape)
@@ -207,7 +207,7 @@ class DiffAEPipeline(DiffAELoadingMixin, LatentSamplingMixin, DenoisingLoopMixin
         names = self._callback_inputs(callback, names, self._callback_tensor_inputs)
         device, dtype = self._execution_device, self.unet.dtype
         z_sem = z_sem.to(device=device, dtype=dtype) if z_sem is not None else None
-        state = {"latents": x0.to(device=device, dtype=dtype), "z_sem": z_sem}
+        state = {"latents": x0.to(device=device, dtype=self._state_dtype(dtype)), "z_sem": z_sem}
         if inversion == "exact":
             decoder = DDIMScheduler.from_config(self.inverse_scheduler.config)
             decoder.set_timesteps(num_inference_steps, device=device)
@@ -272,10 +272,11 @@ class DiffAEPipeline(DiffAELoadingMixin, LatentSamplingMixin, DenoisingLoopMixin
         device, dtype = self._execution_device, self.unet.dtype
         z_sem = z_sem.to(device=device, dtype=dtype) if z_sem is not None else None
 
-        # 2. prepare x_T
+        # 2. prepare x_T; the DDIM state stays float32 for half-precision UNets
+        state_dtype = self._state_dtype(dtype)
         if x_T is None:
-            x_T = randn_tensor((batch_size, *self.image_shape), generator=generator, device=device, dtype=dtype)
-        state = {"latents": x_T.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma, "z_sem": z_sem}
+            x_T = randn_tensor((batch_size, *self.image_shape), generator=generator, device=device, dtype=state_dtype)
+        state = {"latents": x_T.to(device=device, dtype=state_dtype) * self.scheduler.init_noise_sigma, "z_sem": z_sem}
 
         # 3. denoising loop
         self.scheduler.set_timesteps(num_inference_steps, device=device)
