@@ -25,6 +25,7 @@ from diffusers_diffae.cli import BUNDLED_SAMPLES  # noqa: E402
 
 
 STEPS = 4
+FAST = EncodeSettings(STEPS, "ddim")
 SAMPLES = sorted(BUNDLED_SAMPLES.glob("*.png"))
 
 
@@ -52,7 +53,7 @@ def test_encode_once_per_image_and_settings(session, pipe, monkeypatch):
     calls = []
     encode = pipe.encode
     monkeypatch.setattr(pipe, "encode", lambda *a, **k: calls.append(k) or encode(*a, **k))
-    settings = EncodeSettings(num_inference_steps=STEPS)
+    settings = FAST
     image = _open(SAMPLES[0])
     key = session.encode(image, settings, name="a")
     assert session.encode(image.copy(), settings, name="a") == key  # same pixels: cached
@@ -65,7 +66,7 @@ def test_encode_once_per_image_and_settings(session, pipe, monkeypatch):
 
 
 def test_images_come_from_the_pipeline_api(session, pipe):
-    key = session.encode(_open(SAMPLES[1]), EncodeSettings(STEPS))
+    key = session.encode(_open(SAMPLES[1]), FAST)
     latents = session.get(key).latents
     edited = session.edit(key, {"is_woman": 0.6, "beard": 0.0}, STEPS)
     expected = pipe.edit(latents, attribute="is_woman", strength=0.6, num_inference_steps=STEPS).images[0]
@@ -73,7 +74,7 @@ def test_images_come_from_the_pipeline_api(session, pipe):
     target = session.edit_to_target(key, "beard", 0.9, STEPS)
     expected = pipe.edit(latents, attribute="beard", target_probability=0.9, num_inference_steps=STEPS).images[0]
     assert np.abs(_array(target) - _array(expected)).max() <= 1
-    frames = session.interpolate(key, session.encode(_open(SAMPLES[2]), EncodeSettings(STEPS)), 3, STEPS)
+    frames = session.interpolate(key, session.encode(_open(SAMPLES[2]), FAST), 3, STEPS)
     assert len(frames) == 3 and np.abs(_array(frames[0]) - _array(session.reconstruct(key, STEPS))).max() <= 1
     varied = session.variations(key, 2, seed=5, num_inference_steps=STEPS)
     generator = torch.Generator().manual_seed(5)
@@ -125,7 +126,7 @@ def test_a_pipeline_without_encoder_is_refused(pipe):
 def test_codes_download_reads_back(session):
     from safetensors import safe_open
 
-    key = session.encode(_open(SAMPLES[0]), EncodeSettings(STEPS), name="seven")
+    key = session.encode(_open(SAMPLES[0]), FAST, name="seven")
     path = session.save_codes(key, {"strengths": {"is_woman": 0.5}})
     with safe_open(str(path), framework="pt") as f:
         torch.testing.assert_close(f.get_tensor("z_sem"), session.get(key).latents.z_sem)
@@ -142,14 +143,14 @@ def test_resizing_and_alignment_are_stated(session):
 
     emoji = _open(SAMPLES[0]).resize((64, 48))  # no photo of a face
     with pytest.raises(FaceNotFoundError, match="no face found"):
-        session.encode(emoji, EncodeSettings(STEPS), align=True)
-    key = session.encode(emoji, EncodeSettings(STEPS), align=True, unaligned_ok=True)
+        session.encode(emoji, FAST, align=True)
+    key = session.encode(emoji, FAST, align=True, unaligned_ok=True)
     note = session.get(key).note
     assert "no face found: used unaligned" in note and "(64x48): each is resized (shorter side to 32)" in note
-    assert session.get(session.encode(_open(SAMPLES[0]), EncodeSettings(STEPS))).note.endswith("as it is")
+    assert session.get(session.encode(_open(SAMPLES[0]), FAST)).note.endswith("as it is")
     skimage_data = pytest.importorskip("skimage.data", reason="the astronaut photo comes with scikit-image")
     photo = PIL.Image.fromarray(skimage_data.astronaut())
-    aligned = session.get(session.encode(photo, EncodeSettings(STEPS), align=True))
+    aligned = session.get(session.encode(photo, FAST, align=True))
     assert "face aligned (FFHQ recipe) to 32x32" in aligned.note and aligned.note.endswith("as it is")
     assert aligned.model_input.size == (32, 32)
 
@@ -211,24 +212,35 @@ def _click_slider(page, elem_id: str, fraction: float) -> None:
     page.mouse.click(box["x"] + box["width"] * fraction, box["y"] + box["height"] / 2)
 
 
-def _wait_new_image(page, selector: str, old_src: str, timeout: float = 60_000) -> None:
+def _wait_new_image(page, selector: str, old_src: str, timeout: float = 300_000) -> None:
     page.wait_for_function(
         "([sel, old]) => { const i = document.querySelector(sel + ' img'); return i && i.src !== old; }",
         arg=[selector, old_src], timeout=timeout,
     )  # fmt: skip
 
 
+def _downloaded_codes(page, files_selector: str) -> list:
+    """The codes (safetensors) a gr.File output offers, fetched through the page as a user downloads them."""
+    from safetensors.torch import load
+
+    from diffusers_diffae import DiffAELatents
+
+    links = page.locator(f"{files_selector} a[href*='.safetensors']")
+    links.first.wait_for(state="attached", timeout=60_000)
+    codes = [load(page.request.get(href).body()) for href in links.evaluate_all("els => els.map(e => e.href)")]
+    return [DiffAELatents(c["z_sem"], c["x_T"]) for c in codes]
+
+
 def test_app_edits_and_interpolates_in_a_browser(browser_page, pipe):
-    from diffusers_diffae.app.ui import DEFAULT_STEPS
-
     page, _ = browser_page
-    sample = SAMPLES[3]
-    page.set_input_files("#input-image input[type=file]", str(sample))  # an upload, as a user does it
-    page.wait_for_selector("#edited-image img", timeout=120_000)
+    steps = EncodeSettings().num_inference_steps  # the app's default, for encoding and decoding
+    page.set_input_files("#input-image input[type=file]", str(SAMPLES[3]))  # an upload, as a user does it
+    page.wait_for_selector("#edited-image img", timeout=300_000)
     assert "input 32x32" in page.inner_text("#input-note")
-    latents = pipe.encode(_open(sample), num_inference_steps=DEFAULT_STEPS)
+    page.get_by_text("Downloads and Python").click()
+    (latents,) = _downloaded_codes(page, "#edit-files")
 
-    # Move a slider a few times; each time the shown image is pipe.edit's for the strength the slider shows.
+    # Move a slider a few times; each time the shown image is pipe.edit's for these codes and the slider's strength.
     latencies = []
     for fraction in (0.75, 0.25, 0.9):
         old = page.get_attribute("#edited-image img", "src")
@@ -238,25 +250,28 @@ def test_app_edits_and_interpolates_in_a_browser(browser_page, pipe):
         latencies.append(time.perf_counter() - start)
         strength = float(page.locator("#slider-is_woman input[type=number]").input_value())
         assert strength != 0
-        expected = pipe.edit(latents, attribute="is_woman", strength=strength, num_inference_steps=DEFAULT_STEPS)
+        expected = pipe.edit(latents, attribute="is_woman", strength=strength, num_inference_steps=steps)
         assert np.abs(_array(_shown(page, "#edited-image")) - _array(expected.images[0])).max() <= 1
     print(f"\nslider -> new image latency: median {statistics.median(latencies):.2f} s, all {latencies}")
     assert statistics.median(latencies) < 10  # the goal (1 s on two free cores) is measured, not asserted
     if os.environ.get("DIFFAE_APP_SCREENSHOT"):
         page.screenshot(path=os.environ["DIFFAE_APP_SCREENSHOT"], full_page=True)
 
-    # One interpolation frame equals pipe.interpolate's.
+    # One interpolation frame equals pipe.interpolate's on the codes of A and B.
     page.get_by_role("tab", name="Interpolate").click()
     page.click("#run-interp")
-    page.wait_for_selector("#interp-frame img", timeout=120_000)
+    page.wait_for_selector("#interp-frame img", timeout=300_000)
+    a, b = _downloaded_codes(page, "#interp-files")
     old = page.get_attribute("#interp-frame img", "src")
     _click_slider(page, "frame-index", 3 / 7)
     _wait_new_image(page, "#interp-frame", old)
     index = int(page.locator("#frame-index input[type=number]").input_value())
-    a, b = (pipe.encode(_open(SAMPLES[i]), num_inference_steps=DEFAULT_STEPS) for i in (0, 1))
-    frames = pipe.interpolate(a, b, num_frames=8, num_inference_steps=DEFAULT_STEPS).images
     assert 0 < index < 7
+    frames = pipe.interpolate(a, b, num_frames=8, num_inference_steps=steps).images
     assert np.abs(_array(_shown(page, "#interp-frame")) - _array(frames[index])).max() <= 1
+    # The codes are those of the two bundled samples the tab starts with (same z_sem; x_T decodes back to them).
+    for codes, path in zip((a, b), SAMPLES[:2]):
+        torch.testing.assert_close(codes.z_sem, pipe.encode(_open(path), stochastic=False).z_sem)
 
 
 def test_app_command_line(capsys):

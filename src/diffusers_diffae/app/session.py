@@ -21,10 +21,14 @@ from ..pipelines import DiffAELatents
 
 @dataclass(frozen=True)
 class EncodeSettings:
-    """How an image is encoded: DDIM inversion steps and the stochastic encoder's options (`DiffAEPipeline.encode`)."""
+    """How an image is encoded: inversion steps and the stochastic encoder's options (`DiffAEPipeline.encode`).
+
+    The default, exact inversion at 10 steps, costs three network calls per step once per image and lets a 10-step
+    decode return to the input (docs/results has the inversion report); the official DDIM inversion needs many more
+    steps for that, and every slider move pays for the decode steps."""
 
     num_inference_steps: int = 10
-    inversion: str = "ddim"
+    inversion: str = "exact"
     inversion_iterations: int = 3
 
 

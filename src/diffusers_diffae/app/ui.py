@@ -17,7 +17,7 @@ CSS = """
 }
 #edit-sliders { max-height: 34em; overflow-y: auto; }
 """
-DEFAULT_STEPS = 10
+DEFAULT = EncodeSettings()
 
 
 def _gradio():
@@ -112,10 +112,12 @@ def build_app(session: EditorSession, model: Optional[str] = None, samples: Path
         gr.Markdown("## Diffusion Autoencoders: interactive editor\n" + session.describe())
         with gr.Accordion("Advanced: steps and inversion", open=False):
             with gr.Row():
-                enc_steps = gr.Slider(2, 250, DEFAULT_STEPS, step=1, label="encode steps (DDIM inversion)")
-                dec_steps = gr.Slider(2, 250, DEFAULT_STEPS, step=1, label="decode steps")
-                inversion = gr.Radio(["ddim", "exact"], value="ddim", label="inversion")
-                iterations = gr.Slider(1, 10, 3, step=1, label="exact inversion: network calls per step")
+                enc_steps = gr.Slider(2, 250, DEFAULT.num_inference_steps, step=1, label="encode (inversion) steps")
+                dec_steps = gr.Slider(2, 250, DEFAULT.num_inference_steps, step=1, label="decode steps")
+                inversion = gr.Radio(["exact", "ddim"], value=DEFAULT.inversion, label="inversion")
+                iterations = gr.Slider(
+                    1, 10, DEFAULT.inversion_iterations, step=1, label="exact inversion: network calls per step"
+                )
 
         with gr.Tab("Edit"):
             with gr.Row():
@@ -150,7 +152,9 @@ def build_app(session: EditorSession, model: Optional[str] = None, samples: Path
                     reset = gr.Button("Reset")
                     probs = gr.Label(label="classifier on the input's z_sem", num_top_classes=6, show_heading=False)
                     with gr.Accordion("Downloads and Python", open=False):
-                        files_out = gr.File(label="edited image and codes (safetensors)", file_count="multiple")
+                        files_out = gr.File(
+                            label="edited image and codes (safetensors)", file_count="multiple", elem_id="edit-files"
+                        )
                         code = gr.Code(language="python", label="the same edit from Python")
 
         with gr.Tab("Interpolate"):
@@ -166,6 +170,9 @@ def build_app(session: EditorSession, model: Optional[str] = None, samples: Path
                 run_interp = gr.Button("Interpolate", elem_id="run-interp")
             frame_index = gr.Slider(0, 7, 0, step=1, label="frame (0 = A)", elem_id="frame-index")
             strip = gr.Gallery(label="all frames", columns=8, height=140, format="png", elem_classes="pixelated")
+            interp_files = gr.File(
+                label="codes of A and B (safetensors)", file_count="multiple", elem_id="interp-files"
+            )
             frames = gr.State([])
 
         with gr.Tab("Variations and sampling"):
@@ -268,14 +275,18 @@ def build_app(session: EditorSession, model: Optional[str] = None, samples: Path
             ka = encode(a, "a", align_v, unaligned_v, enc, inv, it)
             kb = encode(b, "b", align_v, unaligned_v, enc, inv, it)
             out = session.interpolate(ka, kb, int(n), int(dec))
-            return out, out, out[0], gr.update(maximum=len(out) - 1, value=0)
+            codes = [str(session.save_codes(k, {"decode_steps": int(dec)})) for k in (ka, kb)]
+            return out, out, out[0], gr.update(maximum=len(out) - 1, value=0), codes
 
         run_interp.click(
             on_interpolate,
             [image_a, image_b, num_frames, align, unaligned_ok, enc_steps, inversion, iterations, dec_steps],
-            [frames, strip, frame, frame_index],
+            [frames, strip, frame, frame_index, interp_files],
         )
-        frame_index.change(lambda fs, i: fs[int(i)] if fs else None, [frames, frame_index], frame)
+        # `input`: the user moves it; the reset to 0 after an interpolation already shows frame 0.
+        frame_index.input(
+            lambda fs, i: fs[int(i)] if fs else None, [frames, frame_index], frame, trigger_mode="always_last"
+        )
 
         def on_variations(k, n, s, dec):
             if k is None:
