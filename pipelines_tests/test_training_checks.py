@@ -3,6 +3,7 @@
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -276,7 +277,7 @@ def test_a_failed_checkpoint_write_leaves_nothing_and_says_why(tmp_path, monkeyp
     # torch's zip writer gives no errno: a nearly empty disk identifies it.
     torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
     assert _common.describe_write_error(torch_error, str(tmp_path), "x") is None
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9, free=0))
     assert _common.describe_write_error(torch_error, str(tmp_path), "x") == (
         f"could not write x into {tmp_path}: the disk is full (0.0 MiB free)"
     )

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from argparse import Namespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image
@@ -113,7 +114,9 @@ def row_full_disk_checkpoint_torch_writer(data, tmp_path, monkeypatch):
     # torch's zip writer reports a full disk without an errno; the free space tells it apart.
     torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
     _fail_checkpoint_write(monkeypatch, torch_error, "checkpoint-3")
-    monkeypatch.setattr(_common.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**30, 2**30, 4096))
+    monkeypatch.setattr(
+        _common.shutil, "disk_usage", lambda path: SimpleNamespace(total=2**30, used=2**30 - 4096, free=4096)
+    )
     out = tmp_path / "out"
     with pytest.raises(_common.OutputWriteError) as info:
         run_main(train_diffae, train_args(data, out, 4))
