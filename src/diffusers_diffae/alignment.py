@@ -17,7 +17,7 @@ networks ship inside its wheel and run on OpenCV's DNN module, so nothing is dow
 import functools
 import math
 from dataclasses import dataclass
-from typing import List, Tuple, Union
+from typing import List, Optional, Tuple
 
 import numpy as np
 import PIL.Image
@@ -125,7 +125,7 @@ def _pad_faded(image: PIL.Image.Image, pad: np.ndarray, qsize: float) -> PIL.Ima
 def align_face(
     image: PIL.Image.Image,
     output_size: int = 256,
-    landmarks: Union[FaceLandmarks, None] = None,
+    landmarks: Optional[FaceLandmarks] = None,
     enable_padding: bool = True,
 ) -> PIL.Image.Image:
     r"""
@@ -179,7 +179,7 @@ def align_face(
         ]
     )
     if enable_padding and pad.max() > border - 4:
-        pad = np.maximum(pad, int(round(qsize * 0.3)))
+        pad = np.maximum(pad, max(int(round(qsize * 0.3)), 1))
         image = _pad_faded(image, pad, qsize)
         quad = quad + pad[:2]
 

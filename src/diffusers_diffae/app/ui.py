@@ -1,6 +1,5 @@
 """The Gradio interface of the editor: components and events around an [`EditorSession`]; it computes nothing itself."""
 
-import json
 import os
 from pathlib import Path
 from typing import List, Optional
@@ -8,6 +7,7 @@ from typing import List, Optional
 import PIL.Image
 
 from ..cli import BUNDLED_SAMPLES
+from ..io_utils import load_images, read_metadata
 from .session import EditorSession, EncodeSettings
 
 
@@ -33,18 +33,8 @@ def sample_files(folder: Path = BUNDLED_SAMPLES) -> List[Path]:
     return sorted(folder.glob("*.png")) if folder.is_dir() else []
 
 
-def read_labels(folder: Path = BUNDLED_SAMPLES) -> List[dict]:
-    """The samples' `metadata.jsonl` rows (file name and labels), or nothing."""
-    meta = folder / "metadata.jsonl"
-    if not meta.is_file():
-        return []
-    return [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
-
-
 def _open(path) -> PIL.Image.Image:
-    with PIL.Image.open(path) as image:
-        image.load()
-        return image
+    return load_images([str(path)])[0]
 
 
 def edit_snippet(model: str, codes: str, strengths: dict, steps: int, target: Optional[tuple] = None) -> str:
@@ -303,7 +293,7 @@ def build_app(session: EditorSession, model: Optional[str] = None, samples: Path
             attribute = None if condition == "(unconditional)" else condition
             head, head_note = None, ""
             if attribute is not None and source != "pipeline classifier":
-                rows = [r for r in read_labels(samples) if attribute in r]
+                rows = [r for r in read_metadata(samples) if attribute in r]
                 positives = [r for r in rows if r[attribute]][: int(k_shots)]
                 negatives = [r for r in rows if not r[attribute]][: int(k_shots)]
                 chosen = positives + negatives
