@@ -313,7 +313,7 @@ def row_other_size_is_reported(ctx):
     assert cli(argv) == 0
     notes = [line for line in ctx.capsys.readouterr().err.splitlines() if line.startswith("note:")]
     assert notes == [
-        "note: 2 of 3 images are not 16x16 (24x20): each is resized (shorter side to 16) and centre-cropped to the "
+        "note: 2 of 3 images are not 16x16 (24x20): resized (shorter side to 16) and centre-cropped to the "
         "model's 16x16"
     ]
 
@@ -453,7 +453,8 @@ def test_resize_notice_counts_and_names_the_sizes():
 
     assert resize_notice([(16, 16), (16, 16)], 16) is None
     notice = resize_notice([(16, 16), (40, 30), (40, 30), (8, 8)], 16)
-    assert notice.startswith("3 of 4 images are not 16x16 (8x8, 40x30): each is resized (shorter side to 16)")
+    assert notice.startswith("3 of 4 images are not 16x16 (8x8, 40x30): resized (shorter side to 16)")
+    assert resize_notice([(20, 10)], 16).startswith("the image is not 16x16 (20x10): resized")
 
 
 # ----------------------------------------------------------------------------------------------------------------

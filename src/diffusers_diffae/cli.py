@@ -75,12 +75,15 @@ def report_resize(images, resolution: int) -> None:
 
 
 def encode_images(pipe, args, images):
-    """The images' codes with the stochastic encoder the flags choose (`--inversion`, `--inversion_iterations`)."""
+    """The images' codes with the stochastic encoder the flags choose (`--inversion`, `--inversion_iterations`),
+    after a note on the resize (or the face alignment) they get."""
     if getattr(args, "align", False):  # FFHQ-style face alignment first (the `align` extra)
         from .alignment import align_for_pipeline
 
         images = align_for_pipeline(pipe, images, args.unaligned_ok, unaligned_hint="pass --unaligned_ok")
         print(f"note: faces aligned (FFHQ recipe) to {pipe.resolution}x{pipe.resolution}", file=sys.stderr)
+    else:
+        report_resize(images, pipe.resolution)
     return pipe.encode(
         images,
         num_inference_steps=args.steps,
@@ -167,7 +170,6 @@ def run_encode(args) -> int:
     (output,) = check_new_files(args, [output])
     images = load_images(args.images)
     pipe = load_pipeline(args)
-    report_resize(images, pipe.resolution)
     latents = encode_images(pipe, args, images)
     tensors = {"z_sem": latents.z_sem.contiguous(), "x_T": latents.x_T.contiguous()}
     metadata = {"inputs": json.dumps(stems(args.images))}  # decode names its images after them
@@ -191,7 +193,6 @@ def run_reconstruct(args) -> int:
     files = planned_files(args, [f"{name}_reconstruction" for name in stems(args.images)])
     images = load_images(args.images)
     pipe = load_pipeline(args)
-    report_resize(images, pipe.resolution)
     latents = encode_images(pipe, args, images)
     return write_images(pipe.decode(latents.z_sem, latents.x_T, args.steps).images, files)
 
@@ -203,8 +204,8 @@ def run_interpolate(args) -> int:
     files = planned_files(args, [f"{a_name}_to_{b_name}_{i:03d}" for i in range(args.frames)])
     images = load_images(args.images)
     pipe = load_pipeline(args)
-    report_resize(images, pipe.resolution)
-    a, b = (encode_images(pipe, args, [image]) for image in images)
+    latents = encode_images(pipe, args, images)
+    a, b = (type(latents)(latents.z_sem[i : i + 1], latents.x_T[i : i + 1]) for i in range(2))
     return write_images(pipe.interpolate(a, b, num_frames=args.frames, num_inference_steps=args.steps).images, files)
 
 
@@ -221,7 +222,6 @@ def run_edit(args) -> int:
     if pipe.classifier is None:
         raise SystemExit(f"error: {args.model or 'the model'} has no classifier to edit along")
     pipe.classifier.attribute_index(args.attribute)  # a Hub model's unknown attribute fails here, before encoding
-    report_resize(images, pipe.resolution)
     latents = encode_images(pipe, args, images)
     outputs = []
     for strength in args.strengths:

@@ -133,7 +133,8 @@ def resize_notice(sizes: Sequence[Tuple[int, int]], resolution: int) -> Optional
         return None
     shown = ", ".join(f"{w}x{h}" for w, h in sorted(set(map(tuple, other)))[:4])
     more = ", ..." if len(set(map(tuple, other))) > 4 else ""
+    which = "the image is" if len(sizes) == 1 else f"{len(other)} of {len(sizes)} images are"
     return (
-        f"{len(other)} of {len(sizes)} images are not {resolution}x{resolution} ({shown}{more}): each is resized "
-        f"(shorter side to {resolution}) and centre-cropped to the model's {resolution}x{resolution}"
+        f"{which} not {resolution}x{resolution} ({shown}{more}): resized (shorter side to {resolution}) and "
+        f"centre-cropped to the model's {resolution}x{resolution}"
     )

@@ -183,12 +183,14 @@ def write_all(saves: Sequence[Tuple[Callable[[Path], None], Path]]) -> None:
             tmp = path.with_name(f".{path.name}.partial")
             temporary.append(tmp)
             save(tmp)
-    except OSError as e:
+    except BaseException as e:  # a full disk, a read-only file system, Ctrl-C: the targets stay as they were
         for tmp in temporary:
             tmp.unlink(missing_ok=True)
         for folder in created:  # deepest first: the folders this run made, left empty
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
+        if not isinstance(e, OSError):
+            raise
         where = e.filename or (temporary[-1] if temporary else "")
         raise SystemExit(
             f"error: cannot write {Path(str(where)).parent if where else 'the outputs'}: {e.strerror or e}; "
