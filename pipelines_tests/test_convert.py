@@ -1,18 +1,23 @@
 """Official checkpoint conversion, proven against the official code's outputs (pipelines_tests/fixtures/official)."""
 
 import ast
+import errno
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import safetensors.torch
 import torch
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
-from diffusers_diffae import DiffAEPipeline
+from diffusers_diffae import DiffAEPipeline, io_utils
 from diffusers_diffae.convert import (
     UnsafeCheckpointError,
     convert_official_checkpoint,
@@ -22,6 +27,7 @@ from diffusers_diffae.convert import (
 )
 from diffusers_diffae.presets import official_component_configs
 from diffusers_diffae.training_utils import diffae_loss
+from test_reliability import failing_writer, siblings
 
 
 @pytest.fixture(scope="module")
@@ -295,3 +301,131 @@ def test_official_classifier_checkpoint_converts_into_the_pipeline(tmp_path, off
     )
     with pytest.raises(ValueError, match="no conds_mean"):
         convert_official_classifier(tmp_path / "nostats.ckpt")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The output folder (existing paths, a read-only place, a full disk) and bad inputs of `diffae convert`, one test id
+# each (docs/reliability.md)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def convert_argv(official_dir, output, *extra):
+    return ["--checkpoint", str(official_dir / "last.ckpt"), "--config", str(official_dir / "config.json"),
+            "--output", str(output), *extra]  # fmt: skip
+
+
+def converter_existing_file(ctx):
+    ctx.out.write_bytes(b"keep me")
+    (ctx.tmp / "text.ckpt").write_text("not a checkpoint")
+    argv = ["--checkpoint", str(ctx.tmp / "text.ckpt"), "--config", "ffhq256_autoenc", "--output", str(ctx.out)]
+    assert ctx.convert(argv) == 1  # refused before the checkpoint is read
+    assert "the output " in ctx.err() and ctx.out.read_bytes() == b"keep me"
+    return "is an existing file; give a folder for the pipeline"
+
+
+def converter_non_empty_folder(ctx):
+    ctx.out.mkdir()
+    (ctx.out / "notes.txt").write_text("keep me")
+    assert ctx.convert(convert_argv(ctx.official, ctx.out)) == 1
+    message = ctx.err()
+    assert ctx.convert(convert_argv(ctx.official, ctx.out, "--overwrite")) == 1  # not a pipeline folder
+    assert "not a pipeline folder (no model_index.json); refusing to replace it" in ctx.err()
+    assert (ctx.out / "notes.txt").read_text() == "keep me"
+    ctx.last = message
+    return "exists and is not empty; pass --overwrite"
+
+
+def converter_output_holds_the_checkpoint(ctx):
+    folder = ctx.tmp / "release"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    (folder / "last.ckpt").write_bytes((ctx.official / "last.ckpt").read_bytes())
+    argv = ["--checkpoint", str(folder / "last.ckpt"), "--config", str(ctx.official / "config.json"),
+            "--output", str(folder), "--overwrite"]  # fmt: skip
+    assert ctx.convert(argv) == 1 and (folder / "last.ckpt").is_file()
+    return "holds the input .*last.ckpt; choose another"
+
+
+def converter_read_only(ctx):
+    real_access = os.access
+    ctx.monkeypatch.setattr(io_utils.os, "access", lambda p, m: False if str(p) == str(ctx.tmp) else real_access(p, m))
+    assert ctx.convert(convert_argv(ctx.official, ctx.out)) == 1
+    return "cannot write into .*: permission denied"
+
+
+def converter_full_disk(ctx):
+    ctx.monkeypatch.setattr(
+        safetensors.torch, "save_file", failing_writer(safetensors.torch.save_file, errno.ENOSPC, 1)
+    )
+    assert ctx.convert(convert_argv(ctx.official, ctx.out)) == 1
+    assert not ctx.out.exists() and not siblings(ctx.out)  # no half folder, visible or hidden
+    return "cannot write the pipeline to .*: No space left on device; nothing was written"
+
+
+def converter_full_disk_keeps_the_previous_folder(ctx):
+    assert ctx.convert(convert_argv(ctx.official, ctx.out)) == 0
+    before = {p.relative_to(ctx.out): p.read_bytes() for p in ctx.out.rglob("*") if p.is_file()}
+    ctx.monkeypatch.setattr(
+        safetensors.torch, "save_file", failing_writer(safetensors.torch.save_file, errno.ENOSPC, 2)
+    )
+    assert ctx.convert(convert_argv(ctx.official, ctx.out, "--overwrite", "--no-ema")) == 1
+    after = {p.relative_to(ctx.out): p.read_bytes() for p in ctx.out.rglob("*") if p.is_file()}
+    assert after == before and not siblings(ctx.out)
+    ctx.monkeypatch.undo()
+    assert ctx.convert(convert_argv(ctx.official, ctx.out, "--overwrite", "--no-ema")) == 0  # replaced when it fits
+    assert {p.relative_to(ctx.out) for p in ctx.out.rglob("*") if p.is_file()} == set(before)
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert (ctx.out / unet).read_bytes() != before[Path(unet)] and not siblings(ctx.out)
+    return "No space left on device; nothing was written"
+
+
+CONVERTER_OUTPUTS = {name[10:]: func for name, func in globals().items() if name.startswith("converter_")}
+
+
+@pytest.mark.parametrize("case", CONVERTER_OUTPUTS)
+def test_converter_output(case, official_dir, tmp_path, capsys, monkeypatch):
+    ctx = SimpleNamespace()
+    ctx.official, ctx.tmp, ctx.out, ctx.monkeypatch, ctx.last = (
+        official_dir,
+        tmp_path,
+        tmp_path / "converted",
+        monkeypatch,
+        None,
+    )
+    lines = []
+
+    def err():
+        text = capsys.readouterr().err.strip()
+        lines.append(text)
+        return text
+
+    ctx.err = err
+    ctx.convert = main
+    message = CONVERTER_OUTPUTS[case](ctx)
+    text = ctx.last or (lines[0] if lines else err())
+    assert text.startswith("error: ") and "\n" not in text and re.search(message, text), text
+
+
+BAD_CONVERTER_INPUTS = {
+    "unknown_preset": ("--checkpoint {ckpt} --config ffhq999_autoenc --output {out}",
+                       r"neither an official release name"),
+    "checkpoint_missing": ("--checkpoint {tmp}/last.ckpt --config ffhq256_autoenc --output {out}",
+                           r"checkpoint file not found: .*last.ckpt"),
+    "checkpoint_is_a_folder": ("--checkpoint {tmp} --config ffhq256_autoenc --output {out}",
+                               r"is a folder; give the checkpoint file in it \(e.g. last.ckpt\)"),
+    "config_of_another_size": ("--checkpoint {ckpt} --config ffhq128_autoenc_latent --output {out}",
+                               r"the checkpoint does not match the config"),
+    "latent_stats_missing": ("--checkpoint {ckpt} --config {config} --latent-stats {tmp}/latent.pkl --output {out}",
+                             r"checkpoint file not found: .*latent.pkl"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_CONVERTER_INPUTS)
+def test_bad_converter_input(case, official_dir, tmp_path, capsys):
+    argv, message = BAD_CONVERTER_INPUTS[case]
+    paths = {"ckpt": official_dir / "last.ckpt", "config": official_dir / "config.json", "tmp": tmp_path,
+             "out": tmp_path / "converted"}  # fmt: skip
+    assert main([part.format(**paths) for part in argv.split()]) == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: ") and "\n" not in line and re.search(message, line), line
+    assert not (tmp_path / "converted").exists()
