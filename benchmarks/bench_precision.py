@@ -173,8 +173,8 @@ def main(argv=None) -> int:
         f"Measured by `{command}` on {cpu_name()} ({torch.get_num_threads()} threads), torch {torch.__version__}.",
         "",
         "fp16 and bf16: `DiffAEPipeline.from_pretrained(folder, torch_dtype=...)` (norms, time MLPs and z_sem "
-        "statistics stay float32 through `_keep_in_fp32_modules`; the DDIM arithmetic of the schedulers follows the "
-        "model dtype). bf16 autocast: the float32 pipeline under `torch.autocast('cpu', dtype=torch.bfloat16)`. "
+        "statistics stay float32 through `_keep_in_fp32_modules`, and the pipeline keeps the DDIM state in float32). "
+        "bf16 autocast: the float32 pipeline under `torch.autocast('cpu', dtype=torch.bfloat16)`. "
         "Differences are on pixels in [0, 1] (eps: on the UNet output); SSIM is the official zero-padded protocol, "
         "reconstruction against the inputs. The single UNet call uses each image noised at one timestep, spread "
         "over 0..999. fp16 rows cover the first images at the first T only: this CPU has no native fp16, and its "
