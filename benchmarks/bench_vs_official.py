@@ -213,9 +213,20 @@ def training_fns(pair: dict, batch: int, options: List[str], sides=("official", 
         size_option = ["--resolution", str(size), "--train_batch_size", str(batch)]
         args = train_diffae.parse_args(["--train_data_dir", ".", *size_option, *options])
         unet, encoder = copy.deepcopy(pair["unet"]), copy.deepcopy(pair["encoder"])
-        step = train_diffae.make_training_step(args, unet, encoder, pair["configs"]["scheduler"])
+        step = our_training_step(args, unet, encoder, pair["configs"]["scheduler"])
         fns["ours"] = lambda: step(x0)
     return fns
+
+
+def our_training_step(args, unet, encoder, scheduler_config: dict) -> Callable:
+    """`step(x0) -> loss`: one step of training/train_diffae.py's loop with the settings `args` gives."""
+    from diffusers import DDPMScheduler
+
+    import _models
+    import train_diffae
+
+    module = train_diffae.DiffAETrainingModule(unet, encoder, DDPMScheduler.from_config(scheduler_config))
+    return _models.make_training_step(args, module)
 
 
 def official_training_step(pair: dict, batch: int, x0: torch.Tensor) -> Callable:
@@ -253,10 +264,8 @@ def baseline_fns(pair: dict, batch: int) -> Dict[str, Callable]:
     baseline = DiffAEUNet2DModel.from_config({**pair["configs"]["unet"], "z_sem_channels": None})
     scheduler = pair["configs"]["scheduler"]
     steps = {
-        "official": train_diffae.make_training_step(args, baseline, None, scheduler),
-        "ours": train_diffae.make_training_step(
-            args, copy.deepcopy(pair["unet"]), copy.deepcopy(pair["encoder"]), scheduler
-        ),
+        "official": our_training_step(args, baseline, None, scheduler),
+        "ours": our_training_step(args, copy.deepcopy(pair["unet"]), copy.deepcopy(pair["encoder"]), scheduler),
     }
     return {name: (lambda step=step: step(x0)) for name, step in steps.items()}
 
@@ -273,7 +282,7 @@ def forward_fns(pair: dict, part: str, batch: int) -> Dict[str, Callable]:
         fns = {"official": lambda: official.encoder(x), "ours": lambda: ours_encoder(x)}
     else:
         fns = {"official": lambda: official(x, t, cond=z), "ours": lambda: ours_unet(x, t, z)}
-    return {name: no_grad(fn) for name, fn in fns.items()}
+    return {name: torch.no_grad()(fn) for name, fn in fns.items()}
 
 
 def prepared_for_inference(model: torch.nn.Module) -> torch.nn.Module:
@@ -282,10 +291,6 @@ def prepared_for_inference(model: torch.nn.Module) -> torch.nn.Module:
     if model.config.sample_size >= 64:
         model.to(memory_format=torch.channels_last)
     return model
-
-
-def no_grad(fn: Callable) -> Callable:
-    return torch.no_grad()(fn)
 
 
 def encode_decode_fns(pair: dict, dtype=torch.float32, num_images: int = 4, steps: int = 10) -> Dict[str, Callable]:
@@ -307,7 +312,7 @@ def encode_decode_fns(pair: dict, dtype=torch.float32, num_images: int = 4, step
         latents = pipe.encode(images, num_inference_steps=steps)
         pipe.decode(latents.z_sem, latents.x_T, num_inference_steps=steps, output_type="pt")
 
-    return {name: no_grad(fn) for name, fn in {"official": official_run, "ours": ours_run}.items()}
+    return {name: torch.no_grad()(fn) for name, fn in {"official": official_run, "ours": ours_run}.items()}
 
 
 def ours_pipeline(pair: dict, dtype: torch.dtype) -> DiffAEPipeline:
@@ -342,9 +347,7 @@ def loss_curves(pair: dict, data: str, steps: int, batch: int = 16, window: int 
     for precision in ("no", "bf16"):
         options = ["--train_data_dir", ".", "--resolution", str(size), "--mixed_precision", precision]
         unet, encoder = copy.deepcopy(pair["unet"]), copy.deepcopy(pair["encoder"])
-        step = train_diffae.make_training_step(
-            train_diffae.parse_args(options), unet, encoder, pair["configs"]["scheduler"]
-        )
+        step = our_training_step(train_diffae.parse_args(options), unet, encoder, pair["configs"]["scheduler"])
         torch.manual_seed(0)
         losses = [step(x[i * batch : (i + 1) * batch]).item() for i in range(steps)]
         curves["fp32" if precision == "no" else "bf16"] = [
@@ -399,10 +402,8 @@ ROW_TITLES = {
 }
 
 
-CLOCKS = {
-    "wall": "wall-clock seconds",
-    "cpu": "CPU seconds of the benchmark process (one thread: the time not spent waiting for other jobs)",
-}
+CLOCKS = {"wall": "wall-clock seconds", "cpu": "CPU seconds of the benchmark process (one thread: the time not "
+          "spent waiting for other jobs)"}  # fmt: skip
 # Changes to this project's code that the rows measure (the official code is unmodified).
 CHANGES = [
     "attention blocks return activations in their input's memory layout (diffusers' `Attention` hands back a "

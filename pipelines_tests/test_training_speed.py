@@ -56,7 +56,7 @@ def test_default_training_loss_matches_the_official_loss(fixture, monkeypatch, n
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     module = train_diffae.DiffAETrainingModule(unet, encoder, noise_scheduler).eval()  # no dropout, as the fixture
     x0, noise = (inputs[k].contiguous(memory_format=memory_format) for k in ("x0", "noise"))
-    with torch.no_grad(), train_diffae.autocast(args.mixed_precision, x0.device):
+    with torch.no_grad(), _models.training_autocast(args.mixed_precision, x0.device):
         loss = module(x0, inputs["t"], noise)
     assert loss.dtype == torch.float32
     relative = ((loss - official_loss).abs() / official_loss).max().item()

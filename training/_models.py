@@ -207,3 +207,44 @@ def load_autoencoder(args):
     if args.resolution != size:
         raise TrainingInputError(f"--resolution {args.resolution} differs from the encoder's sample_size {size}")
     return pipe
+
+
+def training_autocast(mixed_precision: Optional[str], device: torch.device):
+    """The autocast context accelerate wraps the training module's forward in for `--mixed_precision`."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+
+
+def make_training_step(args: argparse.Namespace, module):
+    """One optimizer step of `train_diffae.py`'s loop, outside accelerate, with the settings `args` gives (for the
+    benchmark against the official code): `module` is a `DiffAETrainingModule`, prepared in place (layout, train
+    mode); returns `step(x0) -> loss` for `x0` `(B, 3, H, W)` in [-1, 1]."""
+    import _checkpoints
+    import _common
+
+    memory_format = resolve_memory_format(args.memory_format, module.unet.config.sample_size)
+    module.to(memory_format=memory_format).train()
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    optimizer = _common.make_optimizer(args, parameters, args.learning_rate)
+    parts = [name for name in ("unet", "encoder") if getattr(module, name) is not None]
+    emas = {
+        name: _checkpoints.make_ema(args, getattr(module, name), type(getattr(module, name)), "cpu") for name in parts
+    }
+    num_train_timesteps = module.noise_scheduler.config.num_train_timesteps
+
+    def step(x0: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn_like(x0).contiguous(memory_format=memory_format)
+        x0 = x0.contiguous(memory_format=memory_format)
+        timesteps = torch.randint(0, num_train_timesteps, (x0.shape[0],))
+        with training_autocast(args.mixed_precision, x0.device):
+            loss = module(x0, timesteps, noise).mean()
+        loss.backward()
+        if args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for name, ema in emas.items():
+            ema.step(getattr(module, name).parameters())
+        return loss.detach()
+
+    return step

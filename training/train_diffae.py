@@ -27,7 +27,6 @@ import logging
 import os
 import shutil
 import time
-from typing import Optional
 
 import torch
 from accelerate.logging import get_logger
@@ -183,49 +182,6 @@ class DiffAETrainingModule(nn.Module):
         from diffusers_diffae.training_utils import diffae_loss
 
         return diffae_loss(self.unet, self.encoder, x0, timesteps, noise, self.noise_scheduler, reduction="none")
-
-
-def autocast(mixed_precision: Optional[str], device: torch.device):
-    """The autocast context accelerate wraps the training module's forward in for `--mixed_precision`."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
-    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
-
-
-def make_training_step(args: argparse.Namespace, unet, encoder, scheduler_config: dict):
-    """One optimizer step of the training loop, outside accelerate, with the settings `args` gives (for the
-    benchmark against the official code and for tests): returns `step(x0) -> loss`, `x0` `(B, 3, H, W)` in [-1, 1].
-
-    The models are prepared (layout, train mode) in place; the loop in `main` does the same per step.
-    """
-    from diffusers import DDPMScheduler
-
-    memory_format = _models.resolve_memory_format(args.memory_format, unet.config.sample_size)
-    for part in (unet, encoder):
-        if part is not None:
-            part.to(memory_format=memory_format)
-    module = DiffAETrainingModule(unet, encoder, DDPMScheduler.from_config(scheduler_config)).train()
-    parameters = [p for p in module.parameters() if p.requires_grad]
-    optimizer = _common.make_optimizer(args, parameters, args.learning_rate)
-    classes = {"unet": type(unet), "encoder": type(encoder)} if encoder is not None else {"unet": type(unet)}
-    emas = {name: _checkpoints.make_ema(args, getattr(module, name), cls, "cpu") for name, cls in classes.items()}
-    num_train_timesteps = module.noise_scheduler.config.num_train_timesteps
-
-    def step(x0: torch.Tensor) -> torch.Tensor:
-        noise = torch.randn_like(x0).contiguous(memory_format=memory_format)
-        x0 = x0.contiguous(memory_format=memory_format)
-        timesteps = torch.randint(0, num_train_timesteps, (x0.shape[0],))
-        with autocast(args.mixed_precision, x0.device):
-            loss = module(x0, timesteps, noise).mean()
-        loss.backward()
-        if args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        for name, ema in emas.items():
-            ema.step(getattr(module, name).parameters())
-        return loss.detach()
-
-    return step
 
 
 def trainable_state(module: nn.Module) -> dict:
