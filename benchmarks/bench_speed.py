@@ -6,6 +6,7 @@ T=10; each in fp32, channels_last, bf16 autocast (and torch.compile with `--comp
 counter. Then editing one 256x256 photo with the FFHQ-256 architecture (`encode` T=20 + `decode` T=20,
 extrapolated from timed forwards and checked by a T=2+2 run), and the fidelity of channels_last and bf16 against
 fp32 on the official fixture model. See benchmarks/README.md; writes `<output>/<name>.md` and `<name>.json`.
+fp16/bf16 loaded with `torch_dtype` (and the `--device cuda` table) are timed by `bench_speed_precision.py`.
 """
 
 import argparse
