@@ -88,7 +88,8 @@ def run_demo(args, load_pipeline, report_resize) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     sections, numbers, grids = [], {}, {}
 
-    print(f"[1/6] encoding {n} images (z_sem + DDIM inversion, T={steps})")
+    dtype = str(pipe.unet.dtype).removeprefix("torch.")
+    print(f"[1/6] encoding {n} images (z_sem + DDIM inversion, T={steps}, {dtype})")
     x = (pipe.preprocess(images) + 1) / 2
     latents = pipe.encode(x, num_inference_steps=steps)
 
@@ -174,7 +175,7 @@ def run_demo(args, load_pipeline, report_resize) -> int:
     else:
         print("      (the model has no latent DDIM: skipped)")
 
-    page = _index_html(sections, numbers, steps, time.time() - start)
+    page = _index_html(sections, numbers, steps, dtype, time.time() - start)
     saves = [(lambda tmp, image=image: image.save(tmp, format="PNG"), out / name) for name, image in grids.items()]
     saves.append((lambda tmp: tmp.write_text(json.dumps(numbers, indent=2)), out / "metrics.json"))
     saves.append((lambda tmp: tmp.write_text(page, encoding="utf-8"), out / "index.html"))
@@ -197,7 +198,7 @@ def _ssim_text(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def _index_html(sections, numbers: Dict, steps: int, seconds: float) -> str:
+def _index_html(sections, numbers: Dict, steps: int, dtype: str, seconds: float) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{v['mse']:.5f}</td><td>{v['psnr']:.2f}</td>"
         + "".join(f"<td>{_ssim_text(v[m])}</td>" for m in ("ssim", "ssim_official"))
@@ -212,7 +213,7 @@ def _index_html(sections, numbers: Dict, steps: int, seconds: float) -> str:
         "<!doctype html><meta charset='utf-8'><title>DiffAE demo</title>"
         "<style>body{font-family:sans-serif;max-width:60em;margin:auto}img{image-rendering:pixelated;max-width:100%}"
         "td,th{padding:.2em .8em}</style>"
-        f"<h1>Diffusion Autoencoders demo</h1><p>DDIM steps T={steps}; made in {seconds:.0f} s.</p>"
+        f"<h1>Diffusion Autoencoders demo</h1><p>DDIM steps T={steps}; compute dtype {dtype}; made in {seconds:.0f} s.</p>"
         "<table><tr><th></th><th>MSE</th><th>PSNR (dB)</th><th>SSIM</th>"
         "<th>SSIM, official (zero-padded: the paper's)</th></tr>"
         f"{rows}</table>{body}"
