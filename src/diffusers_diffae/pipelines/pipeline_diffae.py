@@ -10,8 +10,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..image_processor import DiffAEImageProcessor, ImageInput
 from ..models import AttributeClassifier, DiffAEUNet2DModel, LatentMLPDenoiser, SemanticEncoder
-from ..schedulers import DiffAEInverseScheduler
-from ..schedulers.fixed_point_inversion import invert_step
+from ..schedulers import DiffAEInverseScheduler, invert_step
 from .denoising import DenoisingLoopMixin, check_chunk_size, chunked, default_chunk_size
 from .latent_ops import edit_strength_for_target, move_along, slerp
 from .latent_sampling import LatentSamplingMixin
@@ -190,8 +189,9 @@ class DiffAEPipeline(DiffAELoadingMixin, LatentSamplingMixin, DenoisingLoopMixin
           ([`DiffAEInverseScheduler`]); `num_inference_steps` network calls.
         - `inversion="exact"`: each step solved so that DDIM decoding (`DDIMScheduler` with the inverse scheduler's
           config, the official sampler) at the same `num_inference_steps` returns to `x0` up to its x0 clipping
-          ([`~schedulers.fixed_point_inversion.exact_inversion`]); at most `num_inference_steps * inversion_iterations`
-          calls, fewer when every step's residual falls to `inversion_tolerance` (pixels in [-1, 1]).
+          (each step by [`~schedulers.fixed_point_inversion.invert_step`]); at most
+          `num_inference_steps * inversion_iterations` calls, fewer when every step's residual falls to
+          `inversion_tolerance` (pixels in [-1, 1]).
 
         The UNet sees at most `chunk_size` images per call (default: `default_chunk_size(resolution)`); the result
         does not depend on it. `callback_on_step_end(pipe, i, t, tensors)` runs after each step with the tensors

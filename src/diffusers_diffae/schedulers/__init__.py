@@ -6,8 +6,8 @@ named in `model_index.json`.
 
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
 
-from .fixed_point_inversion import exact_inversion
+from .fixed_point_inversion import invert_step
 from .scheduling_diffae_inverse import DiffAEInverseScheduler
 
 
-__all__ = ["DiffAEInverseScheduler", "exact_inversion"]
+__all__ = ["DiffAEInverseScheduler", "invert_step"]

@@ -70,25 +70,3 @@ def invert_step(
             break
         eps, exact_pair = eps_fn(x), True
     return x, eps
-
-
-@torch.no_grad()
-def exact_inversion(
-    eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    decoder: DDIMScheduler,
-    x0: torch.Tensor,
-    num_inference_steps: int,
-    num_iterations: int = 3,
-    tolerance: float = 0.0,
-    progress_bar=iter,
-) -> torch.Tensor:
-    r"""
-    x_T (B, C, H, W) that `decoder` with `num_inference_steps` steps decodes back into `x0` (B, C, H, W) in [-1, 1],
-    up to where the decoder clips x0. `eps_fn(x, t)` is the conditional noise predictor. Costs at most
-    `num_inference_steps * num_iterations` network calls (DDIM inversion: `num_inference_steps`).
-    """
-    decoder.set_timesteps(num_inference_steps, device=x0.device)
-    x, eps = x0, None
-    for t in progress_bar(decoder.timesteps.flip(0)):
-        x, eps = invert_step(lambda v: eps_fn(v, t), decoder, int(t), x, eps, num_iterations, tolerance)
-    return x
