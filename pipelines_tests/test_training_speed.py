@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import _common
 import _models
 import train_diffae
+from diffusers_diffae import precision
 from diffusers_diffae.convert import convert_official_checkpoint
 
 
@@ -35,7 +36,7 @@ def default_args(*options):
 
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_default_precision_follows_the_hardware(monkeypatch, native_bf16):
-    monkeypatch.setattr(_models, "native_bf16_cpu", lambda: native_bf16)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native_bf16)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert default_args().mixed_precision == ("bf16" if native_bf16 else None)
     assert default_args("--mixed_precision", "no").mixed_precision == "no"  # an explicit choice always wins
@@ -48,7 +49,7 @@ def test_default_training_loss_matches_the_official_loss(fixture, monkeypatch, n
     """The per-image loss of the training module, in the layout and precision the defaults pick on a CPU with and
     without native bf16, against the official code's loss on the same batch."""
     pipe, inputs, official_loss = fixture
-    monkeypatch.setattr(_models, "native_bf16_cpu", lambda: native_bf16)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native_bf16)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     args = default_args()
     memory_format = _models.resolve_memory_format(args.memory_format, 32)

@@ -119,19 +119,15 @@ def resolve_memory_format(choice: str, resolution: int) -> torch.memory_format:
     return torch.channels_last if choice == "channels_last" else torch.contiguous_format
 
 
-def native_bf16_cpu() -> bool:
-    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), where bf16 convolutions and matmuls
-    run faster than fp32; elsewhere bf16 is emulated and slower (docs/results/speed.md)."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
 def resolve_mixed_precision(choice: Optional[str]) -> Optional[str]:
     """`--mixed_precision` when given; otherwise bf16 autocast (fp32 weights) on a CPU-only machine with native bf16,
     where it is the fastest setting that keeps the official loss (docs/results/speed_vs_official.md), else `None`
     (accelerate's configured default)."""
+    from diffusers_diffae.precision import cpu_has_native_bf16
+
     if choice is not None:
         return choice
-    return "bf16" if not torch.cuda.is_available() and native_bf16_cpu() else None
+    return "bf16" if not torch.cuda.is_available() and cpu_has_native_bf16() else None
 
 
 def build_diffae(args: argparse.Namespace, configs: dict):
