@@ -55,18 +55,28 @@ def preset_configs(name: str) -> Dict[str, dict]:
 # 1. Timing
 
 
-def timed(fns: Dict[str, Callable], warmup: int = 1, repeat: int = 2) -> Dict[str, Dict[str, float]]:
-    """Median and best wall time of each function, called in turns (a, b, a, b, ...) so that load from other jobs
-    on a shared machine hits every variant alike and their ratios stay meaningful."""
+def interleaved(
+    fns: Dict[str, Callable], repeat: int, warmup: int = 1, clock: Callable[[], float] = time.perf_counter
+) -> Dict[str, List[float]]:
+    """The times of each function over `repeat` rounds, the functions called in turns within a round (a, b, a, b,
+    ...) so that load from other jobs on a shared machine hits every variant alike and their ratios stay meaningful.
+    `clock` is wall time, or with `time.process_time` the CPU time of this process: with one thread, the time not
+    spent waiting for other jobs."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
+    return times
+
+
+def timed(fns: Dict[str, Callable], warmup: int = 1, repeat: int = 2) -> Dict[str, Dict[str, float]]:
+    """Median and best wall time of each function, timed in turns by `interleaved`."""
+    times = interleaved(fns, repeat, warmup)
     return {name: {"median_s": statistics.median(t), "best_s": min(t), "runs": len(t)} for name, t in times.items()}
 
 

@@ -34,6 +34,7 @@ import types
 from typing import Callable, Dict, List
 
 import torch
+from bench_speed import interleaved
 from diffusers import DDIMScheduler
 
 from diffusers_diffae import DiffAEPipeline, DiffAEUNet2DModel, SemanticEncoder
@@ -161,24 +162,6 @@ def check_parity(pair: dict, batch: int = 2) -> dict:
 
 
 # 2. Timing
-
-
-def interleaved(
-    fns: Dict[str, Callable], repeat: int, warmup: int = 1, clock=time.perf_counter
-) -> Dict[str, List[float]]:
-    """Times of each function over `repeat` rounds, the functions called in turns within a round. `clock` is wall
-    time, or with `time.process_time` the CPU time of this process: with one thread, the time not spent waiting
-    for other jobs on a shared machine."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            start = clock()
-            fn()
-            times[name].append(clock() - start)
-    return times
 
 
 def summarize(times: Dict[str, List[float]]) -> dict:
