@@ -232,24 +232,19 @@ def row_demo_metadata_bad_json(ctx):
     assert_one_line_error(argv, ctx.capsys, r"samples.metadata.jsonl, line 2: not valid JSON")
 
 
-def row_huge_edit_strength(ctx):
+def _huge_edit(ctx, **move):
     with pytest.raises(ValueError, match="non-finite pixels.*strength or target_logit far too large"):
         ctx.pipe.edit(
-            DiffAELatents(torch.zeros(1, Z), torch.zeros(1, 3, 16, 16)),
-            "is_woman",
-            strength=1e30,
-            num_inference_steps=1,
+            DiffAELatents(torch.zeros(1, Z), torch.zeros(1, 3, 16, 16)), "is_woman", num_inference_steps=1, **move
         )
+
+
+def row_huge_edit_strength(ctx):
+    _huge_edit(ctx, strength=1e30)
 
 
 def row_huge_edit_target_logit(ctx):
-    with pytest.raises(ValueError, match="non-finite pixels.*strength or target_logit far too large"):
-        ctx.pipe.edit(
-            DiffAELatents(torch.zeros(1, Z), torch.zeros(1, 3, 16, 16)),
-            "is_woman",
-            target_logit=1e30,
-            num_inference_steps=1,
-        )
+    _huge_edit(ctx, target_logit=1e30)
 
 
 def row_negative_counts(ctx):
