@@ -319,12 +319,7 @@ def _newer_checkpoints(checkpoint_dir: str, start_step: int, delete: bool) -> No
             "another folder, or pass --delete_newer_checkpoints"
         )
     for path in newer:  # every process may run this: whoever renames a folder first deletes it
-        trash = os.path.join(checkpoint_dir, f".trash-{uuid.uuid4().hex}")
-        try:
-            os.replace(path, trash)
-        except FileNotFoundError:
-            continue
-        shutil.rmtree(trash, ignore_errors=True)
+        _discard(path, checkpoint_dir)
     logging.getLogger(__name__).warning(
         f"--delete_newer_checkpoints: deleted {len(newer)} checkpoint(s) up to {names}"
     )
@@ -375,6 +370,17 @@ def _fsync_tree(path: str) -> None:
                     os.close(fd)
             except OSError:
                 pass
+
+
+def _discard(path: str, folder: str) -> None:
+    """Deletes the folder `path`, renamed first to a hidden `.trash-*` in `folder`: a kill mid-deletion leaves only a
+    folder that no checkpoint lookup lists. Nothing happens when `path` is already gone (another process took it)."""
+    trash = os.path.join(folder, f".trash-{uuid.uuid4().hex}")
+    try:
+        os.replace(path, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _replace(source: str, target: str, trash_dir: str) -> None:
@@ -445,8 +451,8 @@ def save_checkpoint(
             checkpoints = list_checkpoints(output_dir)
             kept = {os.path.realpath(path) for path in checkpoints[-total_limit:] + [final] + ([keep] if keep else [])}
             for old in checkpoints:
-                if os.path.realpath(old) not in kept:  # renamed first: a kill mid-deletion leaves only a .trash-*
-                    os.replace(old, os.path.join(output_dir, f".trash-{uuid.uuid4().hex}"))
+                if os.path.realpath(old) not in kept:
+                    _discard(old, output_dir)
         for name in os.listdir(output_dir):  # leftovers of runs killed mid-save
             if name.startswith((".tmp-", ".trash-")):
                 shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
