@@ -23,6 +23,7 @@ import tempfile
 from typing import Dict, List
 
 import torch
+from bench_inversion import held_out_images  # the same seeded subset as the inversion report
 from safetensors.torch import load_file
 
 from diffusers_diffae import DiffAEPipeline
@@ -37,15 +38,6 @@ VARIANTS = {  # name -> (torch_dtype of from_pretrained, autocast dtype)
     "bf16": (torch.bfloat16, None),
     "bf16 autocast": (torch.float32, torch.bfloat16),
 }
-
-
-def held_out_images(dataset: str, split: str, num_images: int, pipe: DiffAEPipeline) -> torch.Tensor:
-    """A seeded random subset of a save_to_disk split (the one bench_inversion.py uses), in [0, 1]."""
-    import datasets
-
-    data = datasets.load_from_disk(dataset)[split]
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:num_images].tolist()
-    return (pipe.preprocess([data[i]["image"] for i in order]) + 1) / 2
 
 
 def compute(autocast_dtype):
