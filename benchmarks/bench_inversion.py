@@ -11,10 +11,10 @@ official zero-padded protocol and the plain one), MSE, network calls of the enco
 import argparse
 import json
 import os
-import platform
 import time
 
 import torch
+from bench_speed import machine
 from safetensors.torch import load_file
 
 from diffusers_diffae import DiffAEPipeline
@@ -121,9 +121,7 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
 
     # 3. report
-    cpu = platform.processor() or platform.machine()
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    cpu = machine("cpu")["cpu"]
     lines = [
         "# DDIM inversion vs exact inversion",
         "",

@@ -17,13 +17,13 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import sys
 import tempfile
 from typing import Dict, List
 
 import torch
 from bench_inversion import held_out_images  # the same seeded subset as the inversion report
+from bench_speed import machine
 from safetensors.torch import load_file
 
 from diffusers_diffae import DiffAEPipeline
@@ -115,14 +115,6 @@ def table(rows: List[Dict]) -> List[str]:
     return lines
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, help="save_to_disk dataset with the held-out images.")
@@ -162,7 +154,7 @@ def main(argv=None) -> int:
     lines = [
         "# Half precision against float32",
         "",
-        f"Measured by `{command}` on {cpu_name()} ({torch.get_num_threads()} threads), torch {torch.__version__}.",
+        f"Measured by `{command}` on {machine('cpu')['cpu']} ({torch.get_num_threads()} threads), torch {torch.__version__}.",
         "",
         "fp16 and bf16: `DiffAEPipeline.from_pretrained(folder, torch_dtype=...)` (norms, time MLPs and z_sem "
         "statistics stay float32 through `_keep_in_fp32_modules`, and the pipeline keeps the DDIM state in float32). "

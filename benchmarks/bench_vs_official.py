@@ -24,9 +24,7 @@ import dataclasses
 import enum
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +32,7 @@ import types
 from typing import Callable, Dict, List
 
 import torch
-from bench_speed import interleaved
+from bench_speed import interleaved, machine
 from diffusers import DDIMScheduler
 
 from diffusers_diffae import DiffAEPipeline, DiffAEUNet2DModel, SemanticEncoder
@@ -358,21 +356,6 @@ def profile_table(fn: Callable, rows: int = 12, calls: int = 3) -> List[dict]:
 # 5. Report
 
 
-def machine() -> dict:
-    info = {"cpu": platform.processor(), "threads": torch.get_num_threads(), "torch": torch.__version__}
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-        flags = fields.get("Flags", "").split()
-        info["cpu"] = fields.get("Model name", info["cpu"]).strip()
-        info["cpus"] = fields.get("CPU(s)", "").strip()
-        info["bf16_instructions"] = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
-    except (OSError, subprocess.SubprocessError, ValueError):
-        pass
-    info["load_average"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    return info
-
-
 ROW_TITLES = {
     "unet1": "UNet forward, batch 1",
     "unet8": "UNet forward, batch 8",
@@ -434,14 +417,15 @@ def goals(result: dict) -> List[str]:
 
 def markdown(result: dict) -> str:
     m = result["machine"]
+    bf16 = [flag for flag in ("avx512_bf16", "amx_bf16") if m["bf16_hardware"].get(flag)]
     clock = result.get("clock", "cpu" if "--clock cpu" in result["command"] else "wall")
     lines = [
         "# Speed against the official code",
         "",
         f"Measured by `{result['command']}` on {result['date']} in {result['seconds']:.0f} s.",
         "",
-        f"CPU: {m['cpu']} ({m.get('cpus', '?')} CPUs, bf16 instructions: {m.get('bf16_instructions') or 'none'}), "
-        f"{m['threads']} threads, torch {m['torch']}; load average at start {m['load_average']}, at end "
+        f"CPU: {m['cpu']} ({m.get('cpus', '?')} CPUs, bf16 instructions: {bf16 or 'none'}), "
+        f"{m['threads']} threads, torch {m['torch']}; load average at start {m['load_average_at_start']}, at end "
         f"{result['load_average_at_end']}. Times are {CLOCKS[clock]}. Ratio = official time / our time (> 1: this "
         "project is faster), median over rounds with the two timed in turns, and its range over the rounds.",
         "",
@@ -534,7 +518,7 @@ def main(argv=None) -> int:
     result = {
         "command": "python benchmarks/bench_vs_official.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine(),
+        "machine": machine("cpu"),
         "clock": args.clock,
         "architectures": {},
         "profile": {},
