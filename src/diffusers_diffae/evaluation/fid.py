@@ -16,7 +16,6 @@ import os
 import warnings
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -176,7 +175,3 @@ def lpips_status(net: str = "alex") -> Optional[str]:
     except MetricUnavailable as e:
         return str(e)
     return None
-
-
-def to_numpy(features: torch.Tensor) -> np.ndarray:
-    return features.detach().double().cpu().numpy()
