@@ -84,3 +84,35 @@ def test_optimizer_is_fused_and_takes_the_same_adam_step():
         results.append(params)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_lerp_ema_takes_the_same_step_as_diffusers_ema(warmup):
+    """`make_ema`'s one-pass `LerpEMAModel` follows diffusers' `EMAModel` (same decay schedule, frozen weights
+    copied) up to fp32 rounding, over steps where the weights move."""
+    from diffusers.training_utils import EMAModel
+
+    import _checkpoints
+    from diffusers_diffae.training_utils import LerpEMAModel
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Linear(16, 4))
+    model[1].bias.requires_grad_(False)
+    model.config = {}  # what make_ema hands EMAModel for saving
+    args = default_args("--use_ema", "--ema_decay", "0.9", *(["--ema_warmup"] if warmup else []))
+    ema = _checkpoints.make_ema(args, model, type(model), "cpu")
+    assert type(ema) is LerpEMAModel and ema.foreach
+    schedule = {k: getattr(ema, k) for k in ("decay", "min_decay", "use_ema_warmup", "inv_gamma", "power")}
+    reference = EMAModel(model.parameters(), foreach=True, **schedule)
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.step(model.parameters())
+        reference.step(model.parameters())
+        assert ema.cur_decay_value == reference.cur_decay_value
+    assert ema.optimization_step == reference.optimization_step == 5
+    for ours, theirs, p in zip(ema.shadow_params, reference.shadow_params, model.parameters()):
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+        assert not torch.equal(ours, p) or not p.requires_grad  # averaged, not copied
+    assert torch.equal(ema.shadow_params[-1], model[1].bias)  # a frozen weight is copied

@@ -105,11 +105,11 @@ def add_ema_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def make_ema(args: argparse.Namespace, model, model_cls, device):
-    """diffusers' `EMAModel` of `model` on `device`, configured by the options of `add_ema_arguments`."""
-    from diffusers.training_utils import EMAModel
+    """A `LerpEMAModel` (diffusers' `EMAModel`, one-pass update) of `model` on `device`, per `add_ema_arguments`."""
+    from diffusers_diffae.training_utils import LerpEMAModel
 
     min_decay = args.ema_min_decay if args.ema_min_decay is not None else (0.0 if args.ema_warmup else args.ema_decay)
-    ema = EMAModel(
+    ema = LerpEMAModel(
         model.parameters(),
         decay=args.ema_decay,
         min_decay=float(min_decay),
