@@ -127,6 +127,16 @@ def check_variant(folder: str, variant: Optional[str]) -> None:
     )
 
 
+def default_memory_format(resolution: int, dtype: torch.dtype) -> torch.memory_format:
+    """The layout `from_pretrained` gives the UNet and the encoder: channels_last from 64 px up and for half
+    precision at every size (oneDNN's bf16 convolutions run in NHWC; there it pays at 32 px too, see
+    docs/results/speed.md), the official contiguous layout for small float32 models, which keeps their fp32 sums in
+    the official order bit for bit."""
+    if resolution >= 64 or dtype in (torch.float16, torch.bfloat16):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def load_own_components(folder: str, model_index: Dict, kwargs: Dict) -> None:
     """Loads this package's components with their own `from_pretrained` into `kwargs` (no file of the folder runs)."""
     from diffusers import ModelMixin
@@ -253,9 +263,7 @@ class DiffAELoadingMixin:
         if not trusted and kwargs.get("custom_pipeline") is None:
             load_own_components(folder, model_index, kwargs)
         pipe = super().from_pretrained(folder, **kwargs)
-        # channels_last pays from 64 px up and changes only the order of fp32 sums (docs/results/speed.md); small
-        # models keep the official layout and with it bit for bit the official summation order.
-        pipe.set_memory_format(torch.channels_last if pipe.resolution >= 64 else torch.contiguous_format)
+        pipe.set_memory_format(default_memory_format(pipe.resolution, pipe.unet.dtype))
         if folder != name:
             pipe.register_to_config(_name_or_path=name)  # the repo id, not the snapshot folder
         return pipe
