@@ -1,40 +1,57 @@
-"""Speed of Diffusion Autoencoders on this machine, against the DDIM baseline, and the cost of each speed-up.
+"""Speed of Diffusion Autoencoders on this machine: DiffAE against the DDIM baseline, the cost of each speed-up,
+and the compute dtypes as users load them. The one entry point of `docs/results/speed.md`.
 
-For the presets `emoji32` (the bundled model's architecture) and `ffhq64`, with random weights: the training step,
-DiffAE against the DDIM baseline (paper Table 7); UNet and encoder forwards; `pipe.encode` + `pipe.decode` with
-T=10; each in fp32, channels_last, bf16 autocast (and torch.compile with `--compile`), with FLOPs from torch's
-counter. Then editing one 256x256 photo with the FFHQ-256 architecture (`encode` T=20 + `decode` T=20,
-extrapolated from timed forwards and checked by a T=2+2 run), and the fidelity of channels_last and bf16 against
-fp32 on the official fixture model. See benchmarks/README.md; writes `<output>/<name>.md` and `<name>.json`.
-fp16/bf16 loaded with `torch_dtype` (and the `--device cuda` table) are timed by `bench_speed_precision.py`.
+1. For the presets `emoji32` (the bundled model's architecture) and `ffhq64`, with random weights: the training
+   step, DiffAE against the DDIM baseline (paper Table 7); UNet and encoder forwards; each in fp32, channels_last,
+   bf16 autocast (and torch.compile with `--compile`), with FLOPs from torch's counter.
+2. Precision and layout (`_speed_dtypes.py`): encode T=10 + decode T=10 of 4 images at 32 and 64 px loaded with
+   `torch_dtype` fp32 / bf16 / fp16, bf16 autocast, contiguous or channels_last; the torch.profiler breakdown of the
+   32 px run; editing one 256x256 photo with the FFHQ-256 architecture (encode T=20 + decode T=20). With
+   `--device cuda`: encode T=20 + decode T=20 of a batch of 8 at 128 and 256 px in fp32, fp16, bf16 and bf16 with
+   torch.compile of the UNet (without a CUDA device the CPU report says the GPU table was not measured).
+3. Fidelity of channels_last and bf16 autocast against fp32 on the official fixture model (barely trained; the
+   trained model's precision is `bench_precision.py`'s report).
+
+See benchmarks/README.md; writes `<output>/<name>.md` and `<name>.json` (default `docs/results/speed`).
 """
 
 import argparse
 import copy
 import json
 import os
-import platform
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Callable, Dict, List, Optional
 
+import _speed_dtypes as dtypes
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler, DDPMScheduler
+from _speed_common import (  # noqa: F401  (interleaved and machine: imported from here by the other benchmarks)
+    REPO_ROOT,
+    SCHEDULER,
+    count_flops,
+    fmt,
+    interleaved,
+    load_average,
+    machine,
+    matmul_rate,
+    n_params,
+    preset_configs,
+    synchronize,
+    table,
+    timed,
+    timed_once,
+    write_atomic,
+)
+from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
-from torch.utils.flop_counter import FlopCounterMode
 
-from diffusers_diffae import DiffAEPipeline, DiffAEUNet2DModel, SemanticEncoder, preset_config
+from diffusers_diffae import DiffAEUNet2DModel, SemanticEncoder
 from diffusers_diffae.training_utils import diffae_loss
 
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_BATCH = {"emoji32": 32, "ffhq64": 2}
-# Every preset here samples with the official DDIM configuration: linear betas, 1000 steps, x0 clipped.
-SCHEDULER = preset_config("ffhq64", "scheduler")
 VARIANTS = {
     "fp32": {"channels_last": False, "bf16": False},
     "channels_last": {"channels_last": True, "bf16": False},
@@ -42,61 +59,11 @@ VARIANTS = {
     "channels_last + bf16": {"channels_last": True, "bf16": True},
 }
 FIDELITY_VARIANTS = ("channels_last", "bf16 autocast", "channels_last + bf16")
+CPU_DTYPE_PRESETS = ["emoji32", "ffhq64", "ffhq256"]  # the dtype rows; ffhq256 is the 256 px edit
+CUDA_DTYPE_PRESETS = ["ffhq128", "ffhq256"]
 
 
-def preset_configs(name: str) -> Dict[str, dict]:
-    if name == "emoji32":
-        with open(os.path.join(REPO_ROOT, "training", "configs", "emoji32.json"), encoding="utf-8") as f:
-            configs = json.load(f)
-        return {"unet": configs["unet"], "encoder": configs["encoder"]}
-    return {"unet": preset_config(name, "unet"), "encoder": preset_config(name, "encoder")}
-
-
-# 1. Timing
-
-
-def interleaved(
-    fns: Dict[str, Callable], repeat: int, warmup: int = 1, clock: Callable[[], float] = time.perf_counter
-) -> Dict[str, List[float]]:
-    """The times of each function over `repeat` rounds, the functions called in turns within a round (a, b, a, b,
-    ...) so that load from other jobs on a shared machine hits every variant alike and their ratios stay meaningful.
-    `clock` is wall time, or with `time.process_time` the CPU time of this process: with one thread, the time not
-    spent waiting for other jobs."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            start = clock()
-            fn()
-            times[name].append(clock() - start)
-    return times
-
-
-def timed(fns: Dict[str, Callable], warmup: int = 1, repeat: int = 2) -> Dict[str, Dict[str, float]]:
-    """Median and best wall time of each function, timed in turns by `interleaved`."""
-    times = interleaved(fns, repeat, warmup)
-    return {name: {"median_s": statistics.median(t), "best_s": min(t), "runs": len(t)} for name, t in times.items()}
-
-
-def timed_once(fn: Callable) -> float:
-    return timed({"": fn}, warmup=0, repeat=1)[""]["median_s"]
-
-
-def count_flops(fn: Callable) -> int:
-    """FLOPs of one call (torch's counter: 2 per multiply-add of matmuls and convolutions)."""
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def matmul_rate(device: str, dtype: torch.dtype, size: int = 2048, repeat: int = 5) -> Dict[str, float]:
-    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
-    t = timed({"mm": lambda: a @ b}, repeat=repeat)["mm"]
-    flops = 2 * size**3
-    return {"median_gflops": flops / t["median_s"] / 1e9, "best_gflops": flops / t["best_s"] / 1e9}
+# 1. Variants of the training step and the forwards
 
 
 def autocast(device: str, variant: Dict):
@@ -110,48 +77,6 @@ def as_format(x: torch.Tensor, variant: Dict) -> torch.Tensor:
 def prepare(module: torch.nn.Module, variant: Dict) -> torch.nn.Module:
     module = copy.deepcopy(module)
     return module.to(memory_format=torch.channels_last) if variant["channels_last"] else module
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-# 2. Machine
-
-
-def machine(device: str) -> Dict:
-    info = {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "cpu": platform.processor(),
-        "bf16_hardware": {},
-    }
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in lscpu.splitlines() if ":" in line)}
-        flags = set(fields.get("Flags", "").split())
-        info.update(
-            cpu=fields.get("Model name"),
-            cpus=fields.get("CPU(s)"),
-            cpu_family_model_stepping=f"{fields.get('CPU family')}/{fields.get('Model')}/{fields.get('Stepping')}",
-            hypervisor=fields.get("Hypervisor vendor"),
-            bf16_hardware={f: f in flags for f in ("avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")},
-        )
-    except (OSError, subprocess.SubprocessError, ValueError):
-        pass
-    if torch.device(device).type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["native_bf16"] = torch.cuda.is_bf16_supported()
-    else:  # dedicated bf16 instructions; elsewhere bf16 is emulated and slower than fp32
-        info["native_bf16"] = any(info["bf16_hardware"].get(f) for f in ("avx512_bf16", "amx_bf16"))
-    return info
-
-
-# 3. What is timed
 
 
 def train_step_fn(unet, encoder, batch: int, device: str, variant: Dict, compile_model: bool = False) -> Callable:
@@ -195,38 +120,12 @@ def forward_fn(module, inputs: List, device: str, variant: Dict, compile_model: 
     return run
 
 
-def encode_decode_fn(unet, encoder, images: torch.Tensor, steps: int, device: str, variant: Dict) -> Callable:
-    """`pipe.encode` (encoder + `steps` inversion calls) and `pipe.decode` (`steps` calls) in this variant."""
-    pipe = DiffAEPipeline(
-        unet=copy.deepcopy(unet).eval(),
-        encoder=copy.deepcopy(encoder).eval(),
-        scheduler=DDIMScheduler.from_config(SCHEDULER),
-        inverse_scheduler=DDIMInverseScheduler.from_config(SCHEDULER),
-    )
-    # The pipeline picks a layout by resolution; the variant decides here.
-    pipe.set_memory_format(torch.channels_last if variant["channels_last"] else torch.contiguous_format)
-    pipe.set_progress_bar_config(disable=True)
-    images = images.to(device)
-
-    def run():
-        with autocast(device, variant):
-            latents = pipe.encode(images, num_inference_steps=steps)
-            pipe.decode(latents.z_sem, latents.x_T, num_inference_steps=steps, output_type="pt")
-        synchronize(device)
-
-    return run
-
-
 def variants_to_run(native_bf16: bool, all_variants: bool, expensive: bool) -> Dict[str, Dict]:
     """Every variant for cheap measurements; for expensive ones bf16 only where the hardware runs it natively
     (emulated bf16 matmuls were measured 5-7x slower than fp32 on CPUs without AVX512-BF16 or AMX)."""
     if all_variants or not expensive or native_bf16:
         return dict(VARIANTS)
     return {k: v for k, v in VARIANTS.items() if not v["bf16"]}
-
-
-def n_params(module: torch.nn.Module) -> float:
-    return sum(p.numel() for p in module.parameters()) / 1e6
 
 
 # 4. Measurements
@@ -291,12 +190,6 @@ def bench_preset(name: str, device: str, compile_model: bool, native_bf16: bool,
         v: {"batch1_ms": batch1[v]["median_s"] * 1e3, "batch16_ms": batch16[v]["median_s"] * 1e3} for v in chosen
     }
     result["encoder_forward"] = {v: {"batch16_ms": enc16[v]["median_s"] * 1e3} for v in chosen}
-    images4 = torch.rand(4, 3, size, size, generator=gen)
-    result["encode_decode"] = {}
-    for vname, variant in expensive.items():
-        log(f"{name}: 10-step encode + 10-step decode of 4 images ({vname})")
-        run = encode_decode_fn(unet, encoder, images4, 10, device, variant)
-        result["encode_decode"][vname] = {"encode10_decode10_batch4_s": timed_once(run)}
     if compile_model and size <= 32:  # compiling a 64 px model's backward graph takes too long here
         # Each compiled graph's first call compiles it; then compiled and eager fp32 are timed in turns.
         log(f"{name}: torch.compile of the training step and the UNet forward at batch 16 (compiling)")
@@ -307,49 +200,6 @@ def bench_preset(name: str, device: str, compile_model: bool, native_bf16: bool,
             both = timed({"compiled": fns[True], "eager": fns[False]}, repeat=repeat)
             result["compile"][key] = {k: v["median_s"] for k, v in both.items()}
     return result
-
-
-def bench_headline(device: str, native_bf16: bool, all_variants: bool, log, steps: int = 20) -> Dict:
-    """Editing one 256x256 photo with the FFHQ-256 architecture: encode (T=20) + decode (T=20)."""
-    configs = preset_configs("ffhq256")
-    torch.manual_seed(0)
-    unet = DiffAEUNet2DModel.from_config(configs["unet"]).to(device).eval()
-    encoder = SemanticEncoder.from_config(configs["encoder"]).to(device).eval()
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(1, 3, 256, 256, generator=gen).to(device) * 2 - 1
-    z, t = torch.randn(1, 512, generator=gen).to(device), torch.tensor([500], device=device)
-    fp32 = VARIANTS["fp32"]
-    gflop_unet = count_flops(forward_fn(unet, [x, t, z], device, fp32)) / 1e9
-    out = {
-        "params_M": n_params(unet) + n_params(encoder),
-        "gflop_unet_forward": gflop_unet,
-        # However well the kernels run, 41 calls cannot beat the machine's fp32 matmul rate.
-        "gflop_edit_T20": 2 * steps * gflop_unet + count_flops(forward_fn(encoder, [x], device, fp32)) / 1e9,
-    }
-    # At 256 px plain bf16 is not worth the time; with channels_last it runs where bf16 is native.
-    chosen = {
-        k: v for k, v in variants_to_run(native_bf16, all_variants, expensive=True).items() if k != "bf16 autocast"
-    }
-    log(f"ffhq256 headline: UNet and encoder forward ({', '.join(chosen)}, in turns)")
-    unet_times = timed({v: forward_fn(unet, [x, t, z], device, c) for v, c in chosen.items()})
-    encoder_times = timed({v: forward_fn(encoder, [x], device, c) for v, c in chosen.items()}, repeat=1)
-    rows = {}
-    for vname in chosen:
-        u, e = unet_times[vname]["median_s"], encoder_times[vname]["median_s"]
-        # encode = encoder + T inversion calls, decode = T calls; the DDIM arithmetic between calls is negligible.
-        rows[vname] = {
-            "unet_forward_s": u,
-            "encoder_forward_s": e,
-            "edit_T20_extrapolated_s": e + 2 * steps * u,
-            "edit_T10_extrapolated_s": e + 2 * 10 * u,
-        }
-    out["variants"] = rows
-    out["fastest"] = fastest = min(rows, key=lambda k: rows[k]["edit_T20_extrapolated_s"])
-    log(f"ffhq256 headline: end-to-end check with T=2+2 ({fastest})")
-    real = timed_once(encode_decode_fn(unet, encoder, (x + 1) / 2, 2, device, VARIANTS[fastest]))
-    predicted = rows[fastest]["encoder_forward_s"] + 4 * rows[fastest]["unet_forward_s"]
-    out["check_T2"] = {"measured_s": real, "extrapolated_s": predicted, "ratio": real / predicted}
-    return out
 
 
 def bench_fidelity(fixture_dir: str, log, steps: int = 10) -> Dict:
@@ -394,20 +244,6 @@ def bench_fidelity(fixture_dir: str, log, steps: int = 10) -> Dict:
 
 
 # 5. Report
-
-
-def fmt(v, digits: int = 2) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.2e}" if v != 0 and abs(v) < 1e-2 else f"{v:.{digits}f}"
-    return str(v)
-
-
-def table(header: str, rows: List[List[str]]) -> List[str]:
-    """A Markdown table; `header` names the columns separated by " | "."""
-    lines = [f"| {header} |", "|" + "---|" * len(header.split(" | "))]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
 
 
 def report(results: Dict) -> str:
@@ -459,17 +295,15 @@ def report(results: Dict) -> str:
         for vname, row in r["unet_forward"].items():
             per_s = f"{16e3 / row['batch16_ms']:.1f}"
             share = 16e3 / row["batch16_ms"] * g["unet_forward"] / fp32_peak
-            pipeline_s = r["encode_decode"].get(vname, {}).get("encode10_decode10_batch4_s")
             encoder_ms = fmt(r["encoder_forward"][vname]["batch16_ms"], 0)
             rows.append(
                 [vname, fmt(row["batch1_ms"], 0), fmt(row["batch16_ms"], 0), per_s, f"{share:.0%}", encoder_ms]
-                + [fmt(pipeline_s)]
             )
         header = "variant | UNet batch 1 (ms) | UNet batch 16 (ms) | UNet img/s at 16 | % of fp32 peak at 16 | "
-        lines += table(header + "encoder batch 16 (ms) | encode T=10 + decode T=10, 4 images (s)", rows)
+        lines += table(header + "encoder batch 16 (ms)", rows)
         if r["skipped_variants"]:
             lines += [
-                f"bf16 skipped for training, 10-step encode/decode and the 64 px forward passes: "
+                f"bf16 skipped for training and the 64 px forward passes: "
                 f"{', '.join(r['skipped_variants'])} (no native bf16 on this machine; see the matmul peak; "
                 "--all_variants runs them).",
                 "",
@@ -485,34 +319,19 @@ def report(results: Dict) -> str:
                 f"{c['unet_compile_s']:.0f} s).",
                 "",
             ]
-    h = results.get("headline")
-    if h:
-        check = h["check_T2"]
-        lines += [
-            "## Headline: editing one 256x256 photo on this CPU (FFHQ-256 architecture, random weights)",
-            "",
-            f"`encode` with T=20 (encoder + 20 inversion steps) plus `decode` with T=20: 41 network calls. "
-            f"{h['params_M']:.0f} M parameters; UNet forward {h['gflop_unet_forward']:.0f} GFLOP. A full fp32 run "
-            "takes minutes, so the UNet and encoder forwards are timed and the total is extrapolated (checked with "
-            f"a real T=2+2 run: measured {check['measured_s']:.1f} s vs extrapolated {check['extrapolated_s']:.1f} "
-            f"s, ratio {check['ratio']:.2f}).",
-            "",
-        ]
-        header = "variant | UNet forward (s) | encoder (s) | edit, T=20+20 (s, extrapolated) | edit, T=10+10 (s, "
-        keys = [("unet_forward_s", 2), ("encoder_forward_s", 2), ("edit_T20_extrapolated_s", 0)]
-        keys += [("edit_T10_extrapolated_s", 0)]
-        rows = [[v] + [fmt(row[k], d) for k, d in keys] for v, row in h["variants"].items()]
-        lines += table(header + "extrapolated)", rows)
-        lines += [
-            f"Lower bound in fp32: the edit is {h['gflop_edit_T20'] / 1e3:.1f} TFLOP, which takes "
-            f"{h['gflop_edit_T20'] / fp32_peak:.0f} s even at the best measured fp32 matmul rate ({fp32_peak:.0f} "
-            f"GFLOP/s); T=10+10 halves it. At the measured bf16 rate: "
-            f"{h['gflop_edit_T20'] / peak['bf16']['best_gflops']:.0f} s.",
-            "",
-        ]
+    if results.get("dtypes"):
+        lines += dtypes.report(results["dtypes"], results["device"], peak)
+    if results["device"] == "cpu":
+        lines += ["## GPU (`--device cuda`)", "", results["gpu"], ""]
     fid = results.get("fidelity")
     if fid:
-        lines += ["## Fidelity of the fast settings (official fixture model, 32 px)", ""]
+        lines += [
+            "## Fidelity of the fast settings (official fixture model, 32 px)",
+            "",
+            "The fixture's weights are barely trained, which magnifies bf16's error; on the trained bundled model bf16 "
+            "stays within its fidelity bound (docs/results/precision.md).",
+            "",
+        ]
         if "skipped" in fid:
             return "\n".join(lines + [fid["skipped"], ""])
         lines += [
@@ -531,10 +350,16 @@ def report(results: Dict) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", default="emoji32,ffhq64", help="Comma-separated presets (emoji32 or official).")
-    parser.add_argument("--device", default="cpu", help="torch device.")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="Where to run.")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     parser.add_argument("--compile", action="store_true", help="Also time torch.compile (minutes per graph).")
-    parser.add_argument("--skip_headline", action="store_true", help="Skip the FFHQ-256 editing headline.")
+    parser.add_argument(
+        "--dtype_presets",
+        default=None,
+        help=f"Comma-separated presets of the precision rows ('' for none; default: {','.join(CPU_DTYPE_PRESETS)} "
+        f"on the CPU, where ffhq256 is the 256 px edit; {','.join(CUDA_DTYPE_PRESETS)} with --device cuda).",
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="Timed runs per variant of the precision rows.")
     parser.add_argument("--skip_fidelity", action="store_true", help="Skip the fidelity check on the fixture.")
     parser.add_argument(
         "--all_variants", action="store_true", help="Run bf16 everywhere, even without native bf16 hardware (slow)."
@@ -549,6 +374,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--output", default=os.path.join(REPO_ROOT, "docs", "results"), help="Folder for the results.")
     parser.add_argument("--name", default="speed", help="File name (without extension) of the .md and .json results.")
     args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if args.device == "cuda" and not cuda:
+        parser.error("--device cuda: no CUDA device here (torch.cuda.is_available() is False)")
+    allowed = CUDA_DTYPE_PRESETS if args.device == "cuda" else CPU_DTYPE_PRESETS
+    dtype_presets = allowed if args.dtype_presets is None else [p for p in args.dtype_presets.split(",") if p]
+    if set(dtype_presets) - set(allowed):
+        parser.error(f"--dtype_presets: unknown {sorted(set(dtype_presets) - set(allowed))}; choose from {allowed}")
+    if args.repeat < 1:
+        parser.error(f"--repeat must be >= 1, got {args.repeat}")
     if args.threads:
         torch.set_num_threads(args.threads)
     fresh_cache = None
@@ -565,7 +399,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "compile": args.compile,
         "command": " ".join(["python benchmarks/bench_speed.py", *(argv if argv is not None else sys.argv[1:])]),
+        "device": args.device,
         "machine": info,
+        "gpu": "Measured with `--device cuda` where a CUDA device is present (128 and 256 px, batch 8, fp32 / fp16 / "
+        "bf16 / bf16 with torch.compile of the UNet). "
+        + ("Not measured in this run." if cuda else "Not measured: this machine has no CUDA device."),
     }
     log("matmul rate")
     results["matmul_peak"] = {
@@ -578,8 +416,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for name in args.presets.split(",")
         if name
     }
-    if not args.skip_headline:
-        results["headline"] = bench_headline(args.device, native, every, log)
+    bench_dtypes = dtypes.bench_cuda if args.device == "cuda" else dtypes.bench_cpu
+    results["dtypes"] = bench_dtypes(log, args.repeat, dtype_presets, lambda rows: log("precision rows done"))
     if not args.skip_fidelity:
         results["fidelity"] = bench_fidelity(args.fixture_dir, log)
     # Measured again at the end: on a shared machine the higher of the two best rates is the better estimate of
@@ -589,16 +427,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     both = [fp32["best_gflops"], matmul_rate(args.device, torch.float32)["best_gflops"]]
     fp32.update(best_gflops=max(both), best_at_start_and_end=both)
     results["runtime_s"] = time.time() - started
-    results["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    results["load_average_at_end"] = load_average()
     if fresh_cache is not None:
         shutil.rmtree(fresh_cache, ignore_errors=True)
     text = report(results)
     print(text)
-    os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, f"{args.name}.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, default=str)
-    with open(os.path.join(args.output, f"{args.name}.md"), "w", encoding="utf-8") as f:
-        f.write(text + "\n")
+    write_atomic(os.path.join(args.output, f"{args.name}.json"), json.dumps(results, indent=2, default=str))
+    write_atomic(os.path.join(args.output, f"{args.name}.md"), text + "\n")
     return 0
 
 
