@@ -49,7 +49,9 @@ class LatentSamplingMixin:
             eps = self.latent_denoiser(z_t, t).sample.to(state_dtype)
             state["latents"] = self.latent_scheduler.step(eps, t, state["latents"], **kwargs).prev_sample
         z = state["latents"]
-        return z if return_normalized else self.latent_denoiser.denormalize_z_sem(z)
+        z = z if return_normalized else self.latent_denoiser.denormalize_z_sem(z)
+        self.maybe_free_model_hooks()
+        return z
 
     @torch.no_grad()
     def sample_z_sem_with_attribute(
@@ -77,7 +79,7 @@ class LatentSamplingMixin:
         check_count("batch_size", batch_size)
         if max_candidates is not None:
             check_count("max_candidates", max_candidates)
-        return rejection_sample(
+        z_sem = rejection_sample(
             draw=lambda n: self.sample_z_sem(n, num_inference_steps, generator=generator, **latent_callbacks),
             probability=lambda z: torch.sigmoid(self.classifier(z.float()).logits[:, index]),
             batch_size=batch_size,
@@ -86,3 +88,5 @@ class LatentSamplingMixin:
             generator=generator,
             name=repr(attribute),
         )
+        self.maybe_free_model_hooks()
+        return z_sem

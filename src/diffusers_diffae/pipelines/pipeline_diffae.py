@@ -50,7 +50,8 @@ class DiffAEPipeline(DiffAELoadingMixin, LatentSamplingMixin, DenoisingLoopMixin
         image_background (`int`): 0..255 grey level transparent input pixels are composited on (255: white).
     """
 
-    model_cpu_offload_seq = "encoder->unet"
+    # every network that runs; the encoder next to the UNet, so encode -> decode offloads it as the UNet loads
+    model_cpu_offload_seq = "latent_denoiser->classifier->encoder->unet"
     _optional_components = ["encoder", "latent_denoiser", "latent_scheduler", "classifier"]
 
     def __init__(
@@ -217,11 +218,12 @@ class DiffAEPipeline(DiffAELoadingMixin, LatentSamplingMixin, DenoisingLoopMixin
                     lambda x: self._noise(x, t, state["z_sem"], chunk_size), decoder, int(t), state["latents"], eps,
                     inversion_iterations, inversion_tolerance,
                 )  # fmt: skip
-            return state["latents"]
-        self.inverse_scheduler.set_timesteps(num_inference_steps, device=device)
-        for _, t in self._loop(self.inverse_scheduler.timesteps, state, callback, names):
-            eps = self._noise(state["latents"], t, state["z_sem"], chunk_size)
-            state["latents"] = self.inverse_scheduler.step(eps, t, state["latents"]).prev_sample
+        else:
+            self.inverse_scheduler.set_timesteps(num_inference_steps, device=device)
+            for _, t in self._loop(self.inverse_scheduler.timesteps, state, callback, names):
+                eps = self._noise(state["latents"], t, state["z_sem"], chunk_size)
+                state["latents"] = self.inverse_scheduler.step(eps, t, state["latents"]).prev_sample
+        self.maybe_free_model_hooks()
         return state["latents"]
 
     @torch.no_grad()
