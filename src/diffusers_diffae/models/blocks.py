@@ -18,13 +18,15 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 and cast back, as the official `GroupNorm32` (keeps bf16/fp16 runs stable).
 
     The affine parameters join the float32 computation too, so a model cast to fp16/bf16 still normalises in fp32.
-    With float32 parameters, float32 input, and bf16 input on a CPU (whose group-norm kernel takes bf16 input with
-    float32 parameters and computes in float32), go to the kernel without the casts.
+    With float32 parameters, float32 input, and contiguous bf16 input on a CPU (whose group-norm kernel takes bf16
+    input with float32 parameters and computes in float32; for channels-last input that kernel is slower on some
+    shapes), go to the kernel without the casts.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fp32_parameters = self.weight is None or self.weight.dtype == torch.float32
-        if fp32_parameters and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and x.device.type == "cpu")):
+        cpu_bf16 = x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous()
+        if fp32_parameters and (x.dtype == torch.float32 or cpu_bf16):
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
