@@ -120,3 +120,26 @@ def test_lerp_ema_takes_the_same_step_as_diffusers_ema(warmup):
         torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
         assert not torch.equal(ours, p) or not p.requires_grad  # averaged, not copied
     assert torch.equal(ema.shadow_params[-1], model[1].bias)  # a frozen weight is copied
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_group_norm32_normalises_bf16_input_in_fp32(memory_format):
+    """GroupNorm32 on bf16 input with fp32 parameters, through the mixed-precision CPU kernel (contiguous input) or
+    its casts (channels-last): the fp32 group norm rounded to bf16, and the same gradients, up to one bf16 rounding."""
+    from diffusers_diffae.models.blocks import normalization
+
+    torch.manual_seed(0)
+    norm = normalization(64)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.5)
+        norm.bias.normal_()
+    x = torch.randn(2, 64, 8, 8).mul_(3).add_(1).bfloat16().contiguous(memory_format=memory_format).requires_grad_()
+    grad = torch.randn(2, 64, 8, 8).bfloat16()
+    y = norm(x)
+    assert y.dtype == torch.bfloat16
+    x32 = x.detach().float().requires_grad_()
+    reference = torch.nn.functional.group_norm(x32, 32, norm.weight, norm.bias, 1e-5)
+    torch.testing.assert_close(y.float(), reference.bfloat16().float(), atol=0.02, rtol=0.01)
+    (gx,) = torch.autograd.grad(y, x, grad)
+    (gx_reference,) = torch.autograd.grad(reference, x32, grad.float())
+    torch.testing.assert_close(gx.float(), gx_reference, atol=0.02, rtol=0.01)
