@@ -12,7 +12,9 @@ The official side is its unmodified network, diffusion and config modules, impor
 - UNet forward at batch 1 and 8, encoder forward at batch 8;
 - encode (encoder + DDIM inversion, T=10) + decode (T=10) of 4 images: official sampler loops vs our pipeline;
 - training step: official `training_losses` + clip + Adam + its state-dict EMA vs this project's training step with
-  the defaults of `training/train_diffae.py` (see `ours_training_step`).
+  the defaults of `training/train_diffae.py` (see `ours_training_step`);
+- DiffAE vs the DDIM baseline (both ours; with the FLOP ratio of their steps), and the training step with each speed-up
+  undone vs with it (both ours), so that each change is measured in the same run.
 
 `--profile` adds torch.profiler per-op tables of our UNet forward and training step. Writes `<output>/<name>.md` and
 `.json`. See benchmarks/README.md.
@@ -30,9 +32,12 @@ import tempfile
 import time
 import types
 from typing import Callable, Dict, List
+from unittest import mock
 
 import torch
-from bench_speed import interleaved, machine
+import torch.nn.functional as F
+from _speed_common import count_flops, interleaved, machine
+from _vs_official_report import markdown
 from diffusers import DDIMScheduler
 
 from diffusers_diffae import DiffAEPipeline, DiffAEUNet2DModel, SemanticEncoder
@@ -53,6 +58,10 @@ ROWS = (
     "train",
     "train_fp32",
     "diffae_vs_baseline",
+    "encoder_vs_baseline",
+    "without_batched_attention",
+    "without_bf16_group_norm",
+    "without_lerp_ema",
 )
 # name -> (official config, training batch, rows); ffhq256 is too slow on a CPU for more than the UNet forward.
 ARCHITECTURES = {
@@ -251,6 +260,90 @@ def baseline_fns(pair: dict, batch: int) -> Dict[str, Callable]:
     return {name: (lambda step=step: step(x0)) for name, step in steps.items()}
 
 
+def baseline_flop_ratio(pair: dict, batch: int) -> float:
+    """FLOPs of the DiffAE training forward + backward over those of the DDIM baseline (torch's counter)."""
+    from diffusers import DDPMScheduler
+
+    import train_diffae
+
+    size = pair["conf"].img_size
+    x0 = torch.rand(batch, 3, size, size) * 2 - 1
+    t, noise = torch.randint(0, 1000, (batch,)), torch.randn_like(x0)
+    baseline = DiffAEUNet2DModel.from_config({**pair["configs"]["unet"], "z_sem_channels": None})
+    flops = []
+    for unet, encoder in ((pair["unet"], pair["encoder"]), (baseline, None)):
+        module = train_diffae.DiffAETrainingModule(
+            copy.deepcopy(unet), copy.deepcopy(encoder), DDPMScheduler.from_config(pair["configs"]["scheduler"])
+        )
+        flops.append(count_flops(lambda: module(x0, t, noise).mean().backward()))
+    return flops[0] / flops[1]
+
+
+def encoder_fns(pair: dict, batch: int) -> Dict[str, Callable]:
+    """Forward + backward of the semantic encoder ("ours") and of the DDIM baseline's UNet ("official" in this row),
+    in the layout, attention kernel and autocast of train_diffae.py's defaults: what DiffAE adds to the baseline."""
+    import _models
+    import train_diffae
+
+    size = pair["conf"].img_size
+    x0 = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    t = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(8))
+    args = train_diffae.parse_args(["--train_data_dir", ".", "--resolution", str(size)])
+    baseline = DiffAEUNet2DModel.from_config({**pair["configs"]["unet"], "z_sem_channels": None}).train()
+    encoder = copy.deepcopy(pair["encoder"]).train()
+    _models.prepare_for_training(args, [baseline, encoder], "cpu")
+    calls = {"official": lambda: baseline(x0, t).sample, "ours": lambda: encoder(x0).z_sem}
+
+    def forward_backward(call):
+        with _models.training_autocast(args.mixed_precision, x0.device):
+            out = call()
+        out.float().square().mean().backward()
+
+    return {name: (lambda call=call: forward_backward(call)) for name, call in calls.items()}
+
+
+def _group_norm_with_casts(norm, x: torch.Tensor) -> torch.Tensor:
+    """GroupNorm32 as before its bf16 fast path: bf16 input cast to fp32 and back."""
+    return F.group_norm(x.float(), norm.num_groups, norm.weight, norm.bias, norm.eps).to(x.dtype)
+
+
+def ablation_fns(pair: dict, batch: int, change: str) -> Dict[str, Callable]:
+    """Our training step with the defaults of train_diffae.py ("ours") and with one speed-up undone ("official" in
+    this row): `batched_attention` (back to PyTorch's fused SDPA kernel), `bf16_group_norm` (GroupNorm32 casting bf16
+    input to fp32 and back), `lerp_ema` (diffusers' own two-pass EMA update)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from diffusers.training_utils import EMAModel
+
+    import _checkpoints
+    import train_diffae
+    from diffusers_diffae.models.blocks import GroupNorm32
+
+    size = pair["conf"].img_size
+    x0 = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    args = train_diffae.parse_args(["--train_data_dir", ".", "--resolution", str(size)])
+    scheduler = pair["configs"]["scheduler"]
+    original_make_ema = _checkpoints.make_ema
+
+    def diffusers_ema(*args, **kwargs):
+        ema = original_make_ema(*args, **kwargs)
+        ema.step = types.MethodType(EMAModel.step, ema)
+        return ema
+
+    steps = {}
+    for side in ("official", "ours"):
+        unet, encoder = copy.deepcopy(pair["unet"]), copy.deepcopy(pair["encoder"])
+        make_ema = diffusers_ema if side == "official" and change == "lerp_ema" else original_make_ema
+        with mock.patch.object(_checkpoints, "make_ema", make_ema):
+            steps[side] = our_training_step(args, unet, encoder, scheduler)
+        if side == "official" and change == "batched_attention":
+            for model in (unet, encoder):
+                model.set_attn_processor(AttnProcessor2_0())
+        if side == "official" and change == "bf16_group_norm":
+            for norm in [m for model in (unet, encoder) for m in model.modules() if isinstance(m, GroupNorm32)]:
+                norm.forward = types.MethodType(_group_norm_with_casts, norm)
+    return {name: (lambda step=step: step(x0)) for name, step in steps.items()}
+
+
 def forward_fns(pair: dict, part: str, batch: int) -> Dict[str, Callable]:
     official, unet, encoder = pair["official"].eval(), pair["unet"].eval(), pair["encoder"].eval()
     size = unet.config.sample_size
@@ -353,122 +446,7 @@ def profile_table(fn: Callable, rows: int = 12, calls: int = 3) -> List[dict]:
             for e in events[:rows]]  # fmt: skip
 
 
-# 5. Report
-
-
-ROW_TITLES = {
-    "unet1": "UNet forward, batch 1",
-    "unet8": "UNet forward, batch 8",
-    "encoder8": "encoder forward, batch 8",
-    "encode_decode": "encode T=10 + decode T=10, 4 images",
-    "encode_decode_bf16": "encode T=10 + decode T=10, 4 images, ours in bf16 (`dtype=torch.bfloat16`)",
-    "train": "training step, train_diffae.py defaults",
-    "train_fp32": "training step, `--mixed_precision no`",
-    "diffae_vs_baseline": "training step, DiffAE vs DDIM baseline (ours both; ratio = baseline / DiffAE)",
-}
-
-
-CLOCKS = {"wall": "wall-clock seconds", "cpu": "CPU seconds of the benchmark process (one thread: the time not "
-          "spent waiting for other jobs)"}  # fmt: skip
-# Changes to this project's code that the rows measure (the official code is unmodified).
-CHANGES = [
-    "attention blocks return activations in their input's memory layout (diffusers' `Attention` hands back a "
-    "channels-last view, which made every later convolution with contiguous weights convert its input, output and "
-    "weight gradient: the largest `aten::copy_` share in the 64 px training profile)",
-    "the time and z_sem modulation of each residual block is one `addcmul` over the feature map instead of three "
-    "passes; GroupNorm32 skips its casts for fp32 input",
-    "training: torch's fused Adam (one kernel instead of a per-parameter loop on a CPU), the contiguous layout "
-    "(channels_last measured slower for training), bf16 autocast with fp32 weights on CPUs with native bf16 "
-    "(`--mixed_precision no` for fp32)",
-]
-
-
-def goals(result: dict) -> List[str]:
-    """The issue's goals, each with the measured ratio and whether it holds."""
-    archs = result["architectures"]
-
-    def ratio(arch, row, invert=False):
-        s = archs.get(arch, {}).get("timings", {}).get(row)
-        return None if s is None else (1 / s["ratio"] if invert else s["ratio"])
-
-    checks = [
-        ("training step, train_diffae.py defaults, >= 1.5x official at ffhq64_autoenc", ratio("ffhq64_autoenc", "train"), 1.5, True),
-        ("training step, defaults, >= 1.5x official at 32 px", ratio("fixture32", "train"), 1.5, True),
-        ("training step in fp32, >= 1.5x official at ffhq64_autoenc", ratio("ffhq64_autoenc", "train_fp32"), 1.5, True),
-        ("encode + decode T=10+10 in fp32, >= 1.5x official at 64 px", ratio("ffhq64_autoenc", "encode_decode"), 1.5, True),
-        ("encode + decode T=10+10 in bf16, >= 1.5x official at 64 px", ratio("ffhq64_autoenc", "encode_decode_bf16"), 1.5, True),
-        ("DiffAE / DDIM baseline training time <= 1.15 at ffhq64_autoenc", ratio("ffhq64_autoenc", "diffae_vs_baseline", True), 1.15, False),
-        ("DiffAE / DDIM baseline training time <= 1.15 at 32 px", ratio("fixture32", "diffae_vs_baseline", True), 1.15, False),
-    ]  # fmt: skip
-    lines = ["## Goals", "", "| goal | measured | met |", "| --- | --- | --- |"]
-    for text, value, bound, at_least in checks:
-        if value is not None:
-            met = value >= bound if at_least else value <= bound
-            lines.append(f"| {text} | {value:.2f} | {'yes' if met else 'no'} |")
-    conv = {k: sum(r["share"] for r in table if "conv" in r["op"]) for k, table in result.get("profile", {}).items()}
-    if conv:
-        shares = ", ".join(f"{100 * v:.0f}% of the {k}" for k, v in conv.items())
-        lines += ["", f"What bounds the fp32 ratios: convolutions (forward and backward) take {shares} in our code "
-                  "(profiles below), and they are the same convolutions as the official code's; bf16 on a CPU with "
-                  "native bf16 is what makes them cheaper."]  # fmt: skip
-    lines += ["", "Changes to this project's code measured here:", "", *[f"- {c}" for c in CHANGES]]
-    return lines
-
-
-def markdown(result: dict) -> str:
-    m = result["machine"]
-    bf16 = [flag for flag in ("avx512_bf16", "amx_bf16") if m["bf16_hardware"].get(flag)]
-    clock = result.get("clock", "cpu" if "--clock cpu" in result["command"] else "wall")
-    lines = [
-        "# Speed against the official code",
-        "",
-        f"Measured by `{result['command']}` on {result['date']} in {result['seconds']:.0f} s.",
-        "",
-        f"CPU: {m['cpu']} ({m.get('cpus', '?')} CPUs, bf16 instructions: {bf16 or 'none'}), "
-        f"{m['threads']} threads, torch {m['torch']}; load average at start {m['load_average_at_start']}, at end "
-        f"{result['load_average_at_end']}. Times are {CLOCKS[clock]}. Ratio = official time / our time (> 1: this "
-        "project is faster), median over rounds with the two timed in turns, and its range over the rounds.",
-        "",
-        *goals(result),
-        "",
-        "## All rows",
-        "",
-        "| architecture | work | official (s) | ours (s) | ratio | range | ratio of best times |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for arch, entry in result["architectures"].items():
-        for row, s in entry["timings"].items():
-            title = ROW_TITLES[row] + (
-                f", batch {entry['train_batch']}" if row.startswith(("train", "diffae")) else ""
-            )
-            lines.append(
-                f"| {arch} | {title} | {s['official_s']:.4f} | {s['ours_s']:.4f} | **{s['ratio']:.2f}** | "
-                f"{s['ratio_min']:.2f}-{s['ratio_max']:.2f} | {s['ratio_of_best']:.2f} |"
-            )
-    lines += ["", "Parity checked before timing (one forward, relative max error; parameters):", ""]
-    for arch, entry in result["architectures"].items():
-        p = entry["parity"]
-        errors = ", ".join(f"{k} {v:.1e}" for k, v in p["relative_max_error"].items())
-        lines.append(f"- {arch}: {p['parameters']:,} parameters in both; {errors}")
-    curves = result.get("loss_curves")
-    if curves:
-        lines += [
-            "",
-            f"## Loss curves, fp32 vs bf16 autocast ({curves['steps']} steps of batch {curves['batch']} from "
-            f"`{curves['data']}`, fixture32 architecture, same weights, batches, noise and timesteps; mean loss per "
-            f"{curves['window']} steps)",
-            "",
-            "| steps | fp32 | bf16 | bf16 / fp32 |",
-            "| --- | --- | --- | --- |",
-        ]
-        for i, (a, b) in enumerate(zip(curves["loss"]["fp32"], curves["loss"]["bf16"])):
-            lines.append(f"| {i * curves['window']}-{(i + 1) * curves['window']} | {a:.4f} | {b:.4f} | {b / a:.3f} |")
-    if result.get("profile"):
-        lines += ["", "## Profile of this project's code (share of self CPU time per op, 3 calls)", ""]
-        for key, table in result["profile"].items():
-            ops = ", ".join(f"`{r['op']}` {100 * r['share']:.0f}%" for r in table[:8])
-            lines.append(f"- {key}: {ops}")
-    return "\n".join(lines) + "\n"
+# 5. Report (rows, goals and markdown: _vs_official_report.py)
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -537,12 +515,18 @@ def main(argv=None) -> int:
             "train": lambda: training_fns(pair, train_batch, []),
             "train_fp32": lambda: training_fns(pair, train_batch, ["--mixed_precision", "no"]),
             "diffae_vs_baseline": lambda: baseline_fns(pair, train_batch),
+            "encoder_vs_baseline": lambda: encoder_fns(pair, train_batch),
+            "without_batched_attention": lambda: ablation_fns(pair, train_batch, "batched_attention"),
+            "without_bf16_group_norm": lambda: ablation_fns(pair, train_batch, "bf16_group_norm"),
+            "without_lerp_ema": lambda: ablation_fns(pair, train_batch, "lerp_ema"),
         }
         for row in rows:
             entry["timings"][row] = summarize(interleaved(work[row](), args.repeat, clock=clock))
             s = entry["timings"][row]
             print(f"  {row}: official {s['official_s']:.3f} s, ours {s['ours_s']:.3f} s, ratio {s['ratio']:.2f} "
                   f"({s['ratio_min']:.2f}-{s['ratio_max']:.2f})", flush=True)  # fmt: skip
+        if "diffae_vs_baseline" in rows:
+            entry["diffae_flop_ratio"] = baseline_flop_ratio(pair, train_batch)
         if args.profile:
             size = pair["conf"].img_size
             result["profile"][f"{size} px UNet forward b1"] = profile_table(forward_fns(pair, "unet", 1)["ours"])
