@@ -406,6 +406,24 @@ def test_converter_output(case, official_dir, tmp_path, capsys, monkeypatch):
     assert text.startswith("error: ") and "\n" not in text and re.search(message, text), text
 
 
+def test_a_killed_conversion_is_tidied_by_the_next(official_dir, tmp_path, capsys):
+    out = tmp_path / "converted"
+    assert main(convert_argv(official_dir, out)) == 0
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = int(finished.stdout), os.getppid()
+    # killed between its two renames: the previous pipeline moved aside, the new one complete but hidden
+    os.replace(out, tmp_path / f".converted.replaced-{dead}")
+    (tmp_path / f".converted.partial-{dead}").mkdir()
+    (tmp_path / f".converted.partial-{alive}").mkdir()  # a conversion still running elsewhere
+    capsys.readouterr()
+
+    assert main(convert_argv(official_dir, out)) == 1  # the previous pipeline is back, so it needs --overwrite
+    assert "put back the pipeline folder" in capsys.readouterr().err
+    assert (out / "model_index.json").is_file()
+    assert siblings(out) == [f".converted.partial-{alive}"]
+    assert main(convert_argv(official_dir, out, "--overwrite")) == 0
+
+
 BAD_CONVERTER_INPUTS = {
     "unknown_preset": ("--checkpoint {ckpt} --config ffhq999_autoenc --output {out}",
                        r"neither an official release name"),

@@ -10,6 +10,7 @@ of them is complete: a full disk or a crash leaves the output folder as it was.
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -227,10 +228,42 @@ class OutputFolderError(OSError):
     """The output folder cannot be used or written; the message says why and that nothing was written."""
 
 
+def _process_is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def recover_crashed_save(output_dir: PathLike) -> None:
+    """Tidies what a [`save_pipeline_atomically`] killed mid-way left beside `output_dir` (hidden folders named after
+    its process id, which no longer runs): a partial folder is removed; a previous pipeline moved aside is put back
+    when the new one never took its place, and removed when it did. Folders of running processes are left alone."""
+    out = Path(output_dir).resolve()
+    if not out.parent.is_dir():
+        return
+    for kind in ("partial", "replaced"):
+        for folder in sorted(out.parent.glob(f".{out.name}.{kind}-*")):
+            pid = folder.name.rsplit("-", 1)[1]
+            if not pid.isdigit() or _process_is_running(int(pid)):
+                continue
+            if kind == "replaced" and not out.exists():
+                os.replace(folder, out)
+                print(f"warning: put back the pipeline folder {out}, which an interrupted save had moved aside",
+                      file=sys.stderr)  # fmt: skip
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
 def check_output_folder(output_dir: PathLike, overwrite: bool = False, inputs: Iterable[PathLike] = ()) -> None:
     """Refuses, before any loading, an output that is a file, a non-empty folder (without `overwrite`; with it, only
     a pipeline folder, one with `model_index.json`, is replaced), a folder holding one of the `inputs`, or a place
-    that cannot be written. Raises [`OutputFolderError`]."""
+    that cannot be written. Raises [`OutputFolderError`]. What an interrupted save left is tidied first
+    ([`recover_crashed_save`])."""
+    recover_crashed_save(output_dir)
     out = Path(output_dir).resolve()
     if out.exists() and not out.is_dir():
         raise OutputFolderError(f"the output {output_dir} is an existing file; give a folder for the pipeline")
@@ -256,7 +289,8 @@ def check_output_folder(output_dir: PathLike, overwrite: bool = False, inputs: I
 def save_pipeline_atomically(pipe, output_dir: PathLike, overwrite: bool = False) -> None:
     """`pipe.save_pretrained` into a hidden sibling folder, renamed to `output_dir` once complete; a previous
     pipeline folder there is replaced only with `overwrite`. A full disk or a crash leaves no folder at
-    `output_dir` that looks complete: the partial folder is removed (or, after a crash, stays hidden).
+    `output_dir` that looks complete: the partial folder is removed (or, after a crash, stays hidden until the next
+    save to `output_dir` tidies it, putting back a previous pipeline a crash left aside).
     Raises [`OutputFolderError`]."""
     out = Path(output_dir).resolve()
     check_output_folder(out, overwrite)
