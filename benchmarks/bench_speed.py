@@ -28,6 +28,8 @@ from typing import Callable, Dict, List, Optional
 import _speed_dtypes as dtypes
 import torch
 from _speed_common import (  # noqa: F401  (interleaved and machine: imported from here by the other benchmarks)
+    CLOCK,
+    CLOCKS,
     REPO_ROOT,
     SCHEDULER,
     count_flops,
@@ -262,6 +264,7 @@ def report(results: Dict) -> str:
         f"hypervisor {m.get('hypervisor')}); bf16 hardware: {m.get('bf16_hardware')}; "
         f"native bf16: {m['native_bf16']}",
         f"- torch {m['torch']}, {m['threads']} threads, Python {m['python']}; {m['platform']}",
+        f"- times: {'CPU time of this process (one thread)' if results.get('clock') == 'cpu' else 'wall time'}",
         f"- load average at start {tuple(round(v, 2) for v in m['load_average_at_start'] or ())}, at end {load_end} "
         "(the VM shares its cores: medians are noisy, ±20% or worse when other jobs run)",
         f"- matmul rate (2048x2048): fp32 {peak['fp32']['median_gflops']:.0f} GFLOP/s median at the start, best "
@@ -290,7 +293,7 @@ def report(results: Dict) -> str:
                 [vname, fmt(row["diffae_images_per_s"]), fmt(row["baseline_images_per_s"]), ratio, f"{share:.0%}"]
             )
         header = "variant | DiffAE img/s | DDIM baseline img/s | time ratio DiffAE / DDIM | DiffAE % of fp32 peak"
-        lines += table(header, rows) + ["**Inference** (median wall time)", ""]
+        lines += table(header, rows) + ["**Inference** (median time)", ""]
         rows = []
         for vname, row in r["unet_forward"].items():
             per_s = f"{16e3 / row['batch16_ms']:.1f}"
@@ -360,6 +363,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"on the CPU, where ffhq256 is the 256 px edit; {','.join(CUDA_DTYPE_PRESETS)} with --device cuda).",
     )
     parser.add_argument("--repeat", type=int, default=3, help="Timed runs per variant of the precision rows.")
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=sorted(CLOCKS),
+        help="wall: wall time; cpu: CPU time of this process (needs --threads 1), which other jobs do not inflate.",
+    )
     parser.add_argument("--skip_fidelity", action="store_true", help="Skip the fidelity check on the fixture.")
     parser.add_argument(
         "--all_variants", action="store_true", help="Run bf16 everywhere, even without native bf16 hardware (slow)."
@@ -381,6 +390,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     dtype_presets = allowed if args.dtype_presets is None else [p for p in args.dtype_presets.split(",") if p]
     if set(dtype_presets) - set(allowed):
         parser.error(f"--dtype_presets: unknown {sorted(set(dtype_presets) - set(allowed))}; choose from {allowed}")
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu needs --threads 1 (the CPU time of several threads is not the time of a run)")
+    CLOCK["name"] = args.clock
     if args.repeat < 1:
         parser.error(f"--repeat must be >= 1, got {args.repeat}")
     if args.threads:
@@ -400,6 +412,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "compile": args.compile,
         "command": " ".join(["python benchmarks/bench_speed.py", *(argv if argv is not None else sys.argv[1:])]),
         "device": args.device,
+        "clock": args.clock,
         "machine": info,
         "gpu": "Measured with `--device cuda` where a CUDA device is present (128 and 256 px, batch 8, fp32 / fp16 / "
         "bf16 / bf16 with torch.compile of the UNet). "
