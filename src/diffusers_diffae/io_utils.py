@@ -1,9 +1,9 @@
 """Files of the `diffae` command and the converter: reading inputs with one-line errors, checking outputs before any
 compute, and writing them atomically.
 
-Every error is a `SystemExit` with one line `error: ...` that names the file and the problem. Outputs are checked
-before the model is loaded (none is an input, none exists unless `--overwrite`, the folder can be written), and all
-outputs of a run are first written to hidden temporary files beside their targets and renamed only once every one
+Every error of the command line is a `SystemExit` with one line `error: ...` that names the file and the problem.
+Outputs are checked before the model is loaded (none is an input, none exists unless `--overwrite`, the folder can be
+written), and all outputs of a run are first written to hidden temporary files beside their targets and renamed only once every one
 of them is complete: a full disk or a crash leaves the output folder as it was.
 """
 
@@ -172,9 +172,15 @@ def check_writable(folder: Path) -> None:
         raise SystemExit(f"error: cannot write into {existing}: permission denied (or a read-only file system)")
 
 
-def write_all(saves: Sequence[Tuple[Callable[[Path], None], Path]]) -> None:
+class OutputWriteError(OSError):
+    """Outputs could not be written (a full disk, a read-only file system); the message says where and what was
+    written."""
+
+
+def write_atomically(saves: Sequence[Tuple[Callable[[Path], None], Path]]) -> None:
     """Runs each `save(temporary_path)` into a hidden file beside its target, then renames all of them: a failure
-    (a full disk, a read-only file system) removes the temporary files and leaves every target as it was."""
+    (a full disk, a read-only file system) removes the temporary files and leaves every target as it was. Raises
+    [`OutputWriteError`]."""
     temporary, created = [], []
     try:
         for save, path in saves:
@@ -193,9 +199,8 @@ def write_all(saves: Sequence[Tuple[Callable[[Path], None], Path]]) -> None:
         if not isinstance(e, OSError):
             raise
         where = e.filename or (temporary[-1] if temporary else "")
-        raise SystemExit(
-            f"error: cannot write {Path(str(where)).parent if where else 'the outputs'}: {e.strerror or e}; "
-            "nothing was written"
+        raise OutputWriteError(
+            f"cannot write {Path(str(where)).parent if where else 'the outputs'}: {e.strerror or e}; nothing was written"
         ) from e
     for done, (tmp, (_, path)) in enumerate(zip(temporary, saves)):
         try:
@@ -203,8 +208,16 @@ def write_all(saves: Sequence[Tuple[Callable[[Path], None], Path]]) -> None:
         except OSError as e:  # a rename in one folder: only a folder removed meanwhile or a changed mount get here
             for left in temporary[done:]:
                 left.unlink(missing_ok=True)
-            raise SystemExit(f"error: cannot rename {tmp} to {path}: {e.strerror or e}; {done} of {len(saves)} "
-                             "outputs were written")  # fmt: skip
+            raise OutputWriteError(f"cannot rename {tmp} to {path}: {e.strerror or e}; {done} of {len(saves)} "
+                                   "outputs were written") from e  # fmt: skip
+
+
+def write_all(saves: Sequence[Tuple[Callable[[Path], None], Path]]) -> None:
+    """[`write_atomically`] for the command line: a failure is a one-line `SystemExit`."""
+    try:
+        write_atomically(saves)
+    except OutputWriteError as e:
+        raise SystemExit(f"error: {e}") from e
 
 
 def write_images(images, files: List[Path]) -> int:

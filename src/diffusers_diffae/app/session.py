@@ -3,7 +3,6 @@
 
 import hashlib
 import json
-import os
 import tempfile
 import threading
 from collections import OrderedDict
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..image_processor import resize_notice
+from ..io_utils import write_atomically
 from ..pipelines import DiffAELatents
 
 
@@ -278,8 +278,5 @@ class EditorSession:
 
     def _write(self, name: str, save) -> Path:
         path = self.output_dir / name
-        tmp = path.with_name(f".{path.name}.partial")
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        save(str(tmp))
-        os.replace(tmp, path)
+        write_atomically([(lambda tmp: save(str(tmp)), path)])
         return path
