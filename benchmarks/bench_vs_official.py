@@ -59,7 +59,6 @@ ROWS = (
     "train_fp32",
     "diffae_vs_baseline",
     "encoder_vs_baseline",
-    "without_batched_attention",
     "without_bf16_group_norm",
     "without_lerp_ema",
 )
@@ -291,7 +290,7 @@ def encoder_fns(pair: dict, batch: int) -> Dict[str, Callable]:
     args = train_diffae.parse_args(["--train_data_dir", ".", "--resolution", str(size)])
     baseline = DiffAEUNet2DModel.from_config({**pair["configs"]["unet"], "z_sem_channels": None}).train()
     encoder = copy.deepcopy(pair["encoder"]).train()
-    _models.prepare_for_training(args, [baseline, encoder], "cpu")
+    _models.prepare_for_training(args, [baseline, encoder])
     calls = {"official": lambda: baseline(x0, t).sample, "ours": lambda: encoder(x0).z_sem}
 
     def forward_backward(call):
@@ -309,9 +308,8 @@ def _group_norm_with_casts(norm, x: torch.Tensor) -> torch.Tensor:
 
 def ablation_fns(pair: dict, batch: int, change: str) -> Dict[str, Callable]:
     """Our training step with the defaults of train_diffae.py ("ours") and with one speed-up undone ("official" in
-    this row): `batched_attention` (back to PyTorch's fused SDPA kernel), `bf16_group_norm` (GroupNorm32 casting bf16
-    input to fp32 and back), `lerp_ema` (diffusers' own two-pass EMA update)."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
+    this row): `bf16_group_norm` (GroupNorm32 casting bf16 input to fp32 and back), `lerp_ema` (diffusers' own
+    two-pass EMA update)."""
     from diffusers.training_utils import EMAModel
 
     import _checkpoints
@@ -335,9 +333,6 @@ def ablation_fns(pair: dict, batch: int, change: str) -> Dict[str, Callable]:
         make_ema = diffusers_ema if side == "official" and change == "lerp_ema" else original_make_ema
         with mock.patch.object(_checkpoints, "make_ema", make_ema):
             steps[side] = our_training_step(args, unet, encoder, scheduler)
-        if side == "official" and change == "batched_attention":
-            for model in (unet, encoder):
-                model.set_attn_processor(AttnProcessor2_0())
         if side == "official" and change == "bf16_group_norm":
             for norm in [m for model in (unet, encoder) for m in model.modules() if isinstance(m, GroupNorm32)]:
                 norm.forward = types.MethodType(_group_norm_with_casts, norm)
@@ -516,7 +511,6 @@ def main(argv=None) -> int:
             "train_fp32": lambda: training_fns(pair, train_batch, ["--mixed_precision", "no"]),
             "diffae_vs_baseline": lambda: baseline_fns(pair, train_batch),
             "encoder_vs_baseline": lambda: encoder_fns(pair, train_batch),
-            "without_batched_attention": lambda: ablation_fns(pair, train_batch, "batched_attention"),
             "without_bf16_group_norm": lambda: ablation_fns(pair, train_batch, "bf16_group_norm"),
             "without_lerp_ema": lambda: ablation_fns(pair, train_batch, "lerp_ema"),
         }

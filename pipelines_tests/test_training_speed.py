@@ -20,7 +20,7 @@ from diffusers_diffae.convert import convert_official_checkpoint
 
 
 # Largest relative difference per image from the official fp32 loss: fp32 differs only by summation order; bf16
-# autocast (fp32 weights, GroupNorm, softmax and loss in fp32) measured 5e-4 on this fixture.
+# autocast (fp32 weights, GroupNorm statistics and loss in fp32) measured 1.5e-4 on this fixture.
 LOSS_TOLERANCE = {None: 1e-5, "no": 1e-5, "bf16": 2e-3}
 
 
@@ -48,16 +48,14 @@ def test_default_precision_follows_the_hardware(monkeypatch, native_bf16):
 
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_default_training_loss_matches_the_official_loss(fixture, monkeypatch, native_bf16):
-    """The per-image loss of the training module, in the layout, attention kernel and precision the defaults pick on
-    a CPU with and without native bf16, against the official code's loss on the same batch."""
+    """The per-image loss of the training module, in the layout and precision the defaults pick on a CPU with and
+    without native bf16, against the official code's loss on the same batch."""
     pipe, inputs, official_loss = fixture
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native_bf16)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     args = default_args()
     unet, encoder = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.encoder)
-    memory_format = _models.prepare_for_training(args, [unet, encoder], "cpu")
-    kernels = {type(p).__name__ for p in [*unet.attn_processors.values(), *encoder.attn_processors.values()]}
-    assert kernels == {"AttnProcessor" if args.mixed_precision == "bf16" else "AttnProcessor2_0"}
+    memory_format = _models.prepare_for_training(args, [unet, encoder])
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     module = train_diffae.DiffAETrainingModule(unet, encoder, noise_scheduler).eval()  # no dropout, as the fixture
     x0, noise = (inputs[k].contiguous(memory_format=memory_format) for k in ("x0", "noise"))

@@ -119,20 +119,13 @@ def resolve_memory_format(choice: str, resolution: int) -> torch.memory_format:
     return torch.channels_last if choice == "channels_last" else torch.contiguous_format
 
 
-def prepare_for_training(args: argparse.Namespace, models: Sequence, device) -> torch.memory_format:
-    """Puts `models` (a UNet, an encoder; `None` entries skipped) in the layout and attention kernel that the settings
-    pick, in place, and returns the memory format the inputs must take. The layout is `--memory_format`'s; under
-    bf16 autocast on a CPU the attention blocks use diffusers' `AttnProcessor` (batched matmuls with the softmax in
-    fp32, as the official attention) instead of PyTorch's fused SDPA kernel, which is slower there in bf16 (measured
-    in docs/results/speed_vs_official.md). Either kernel computes the same attention up to rounding."""
-    from diffusers.models.attention_processor import AttnProcessor
-
+def prepare_for_training(args: argparse.Namespace, models: Sequence) -> torch.memory_format:
+    """Puts `models` (a UNet, an encoder; `None` entries skipped) in the layout `--memory_format` picks, in place, and
+    returns the memory format the inputs must take."""
     models = [model for model in models if model is not None]
     memory_format = resolve_memory_format(args.memory_format, models[0].config.sample_size)
     for model in models:
         model.to(memory_format=memory_format)
-        if args.mixed_precision == "bf16" and torch.device(device).type == "cpu":
-            model.set_attn_processor(AttnProcessor())
     return memory_format
 
 
@@ -235,7 +228,7 @@ def make_training_step(args: argparse.Namespace, module):
     import _checkpoints
     import _common
 
-    memory_format = prepare_for_training(args, [module.unet, module.encoder], "cpu")
+    memory_format = prepare_for_training(args, [module.unet, module.encoder])
     module.train()
     parameters = [p for p in module.parameters() if p.requires_grad]
     optimizer = _common.make_optimizer(args, parameters, args.learning_rate)

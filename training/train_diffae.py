@@ -16,9 +16,9 @@ continues an interrupted run exactly. The result is a `DiffAEPipeline` folder
 `train_attribute_classifier.py` add the later stages to it.
 
 Speed: by default the models train in the contiguous layout with torch's fused Adam, and on a CPU-only machine with
-native bf16 (AVX512-BF16 or AMX) under bf16 autocast with fp32 weights and batched-matmul attention
-(`--mixed_precision no` trains in fp32); the loss of these defaults stays within a stated tolerance of the official
-code's (pipelines_tests/test_training_speed.py, benchmarks/bench_vs_official.py).
+native bf16 (AVX512-BF16 or AMX) under bf16 autocast with fp32 weights (`--mixed_precision no` trains in fp32); the
+loss of these defaults stays within a stated tolerance of the official code's (pipelines_tests/test_training_speed.py,
+benchmarks/bench_vs_official.py).
 """
 
 import argparse
@@ -365,7 +365,7 @@ def main(argv=None) -> int:
 
     # 3. models
     unet, encoder = _models.build_diffae(args, configs)
-    memory_format = _models.prepare_for_training(args, [unet, encoder], accelerator.device)
+    memory_format = _models.prepare_for_training(args, [unet, encoder])
     if args.use_lora:
         _models.add_lora_adapters(args, unet, encoder)
     if args.gradient_checkpointing:
