@@ -132,3 +132,13 @@ def test_from_pretrained_lays_out_a_bf16_32px_pipeline_channels_last(tmp_path):
     convs = [p for p in bf16.unet.parameters() if p.ndim == 4] + [p for p in bf16.encoder.parameters() if p.ndim == 4]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
     assert all(p.is_contiguous() for p in fp32.unet.parameters() if p.ndim == 4)
+
+
+def test_z_sem_statistics_follow_the_codes_device():
+    # under model offload the classifier (whose statistics `edit` reads) may sit on the CPU while z_sem is on the GPU;
+    # the meta device stands in for the GPU here: a computation mixing it with CPU tensors fails the same way
+    classifier = tiny_pipeline().classifier
+    z_sem = torch.randn(2, classifier.z_sem_mean.shape[0], device="meta")
+    for f in (classifier.normalize_z_sem, classifier.denormalize_z_sem):
+        out = f(z_sem)
+        assert out.device.type == "meta" and out.shape == z_sem.shape

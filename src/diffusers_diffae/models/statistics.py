@@ -29,9 +29,10 @@ class ZSemStatisticsMixin:
         self.z_sem_std.copy_(std)
 
     def normalize_z_sem(self, z_sem: torch.Tensor) -> torch.Tensor:
-        """(B, D) z_sem -> (B, D) normalised z_sem."""
-        return (z_sem - self.z_sem_mean.to(z_sem.dtype)) / self.z_sem_std.to(z_sem.dtype)
+        """(B, D) z_sem -> (B, D) normalised z_sem, on z_sem's device and in its dtype (the module may sit elsewhere,
+        e.g. offloaded to the CPU)."""
+        return (z_sem - self.z_sem_mean.to(z_sem)) / self.z_sem_std.to(z_sem)
 
     def denormalize_z_sem(self, z_normalized: torch.Tensor) -> torch.Tensor:
         """(B, D) normalised z_sem -> (B, D) z_sem."""
-        return z_normalized * self.z_sem_std.to(z_normalized.dtype) + self.z_sem_mean.to(z_normalized.dtype)
+        return z_normalized * self.z_sem_std.to(z_normalized) + self.z_sem_mean.to(z_normalized)
