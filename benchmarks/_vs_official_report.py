@@ -87,6 +87,12 @@ def goals(result: dict) -> List[str]:
         lines += ["", f"What bounds the fp32 ratios: convolutions (forward and backward) take {shares} in our code "
                   "(profiles below), and they are the same convolutions as the official code's; bf16 on a CPU with "
                   "native bf16 is what makes them cheaper."]  # fmt: skip
+    small = ratio("fixture32", "train"), ratio("fixture32", "train_fp32")
+    if all(small):
+        lines += ["", f"What bounds the 32 px training ratio: bf16 autocast gains only {small[0] / small[1]:.2f}x over fp32 "
+                  "there (the fixture's convolutions have 32-64 channels, too narrow for bf16 to repay the casts of "
+                  "weights and activations), and the rest of the step is spread over attention, dropout's random "
+                  "numbers (`aten::bernoulli_`) and small ops (profile below)."]  # fmt: skip
     bounds = []
     for arch, entry in archs.items():
         base, encoder = ratio(arch, "diffae_vs_baseline", True), ratio(arch, "encoder_vs_baseline", True)
