@@ -78,8 +78,8 @@ def test_decode_random_noise_and_latent_sampling_match_official(official):
 
 def test_fast_default_layout_stays_within_fp32_tolerance(official, tmp_path):
     """channels_last (`from_pretrained`'s default from 64 px up) vs the official contiguous layout: the same fp32 maths,
-    summed in another order. Bounds: z_sem 1e-5, x_T 5e-4, decoded pixels (range 2) 1e-3 max / 1e-4 mean
-    (measured on this fixture: 6e-5 and 2.2e-4 / 1.4e-5, docs/results/speed.md)."""
+    summed in another order. Bounds: z_sem 1e-5, x_T 5e-4, decoded pixels (range 2) 1e-3 max / 1e-4 mean (what this
+    fixture measures: the fidelity table of docs/results/speed.md)."""
     pipe, inputs, _ = official
     assert pipe.resolution < 64  # the 32 px fixture keeps the official layout by default
     weights = [p for p in list(pipe.unet.parameters()) + list(pipe.encoder.parameters()) if p.ndim == 4]
