@@ -8,6 +8,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from peft import LoraConfig
 
 from diffusers_diffae import DiffAEUNet2DModel, LatentMLPDenoiser, SemanticEncoder, preset_config
+from diffusers_diffae.models.blocks import DiffAEAttnProcessor
 from diffusers_diffae.presets import OFFICIAL_CONFIGS, official_component_configs
 from tiny import ENCODER, LATENT, UNET, Z, tiny_classifier, tiny_encoder, tiny_latent, tiny_unet
 
@@ -129,11 +130,26 @@ def test_every_preset_builds_with_documented_sizes():
         preset_config("ffhq256_autoenc", "latent_denoiser")
 
 
-def test_attention_runs_through_sdpa_processors():
+def test_attention_runs_through_sdpa_except_half_precision_on_a_cpu(monkeypatch):
     unet = tiny_unet()
     attentions = [m for m in unet.modules() if isinstance(m, Attention)]
     assert attentions, "the tiny UNet has attention at 8x8"
-    assert all(isinstance(p, AttnProcessor2_0) for p in unet.attn_processors.values())
+    assert all(isinstance(p, DiffAEAttnProcessor) for p in unet.attn_processors.values())
+    x, t, z = torch.randn(2, 3, 16, 16), torch.tensor([10, 900]), torch.randn(2, Z)
+    sdpa_calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: sdpa_calls.append(1) or sdpa(*a, **k)
+    )
+    with torch.no_grad():
+        out = unet(x, t, z).sample
+        assert len(sdpa_calls) == len(attentions)
+        unet.set_attn_processor(AttnProcessor2_0())
+        assert torch.equal(unet(x, t, z).sample, out)  # fp32: diffusers' SDPA processor itself
+        unet.set_attn_processor(DiffAEAttnProcessor())
+        sdpa_calls.clear()
+        half = unet.to(torch.bfloat16)(x.bfloat16(), t, z.bfloat16()).sample
+    assert not sdpa_calls  # bf16 on a CPU: the batched matmuls
+    assert (half.float() - out).abs().mean() < 0.05
 
 
 def test_gradient_checkpointing_gives_same_gradients():

@@ -3,14 +3,14 @@
 These follow the official BeatGANs/ADM blocks of the Diffusion Autoencoders code exactly; diffusers'
 `ResnetBlock2D` cannot express them (it has no second, multiplicative z_sem modulation and no
 time-then-z ordering), which is why the residual block is written here. Attention uses diffusers'
-`Attention` module (and therefore PyTorch's scaled-dot-product attention through its processors).
+`Attention` module with diffusers' processors ([`DiffAEAttnProcessor`] picks one of two by device and dtype).
 """
 
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from torch import nn
 
 
@@ -38,11 +38,29 @@ def normalization(channels: int) -> GroupNorm32:
     return GroupNorm32(min(32, channels), channels, eps=1e-5)
 
 
+class DiffAEAttnProcessor:
+    r"""
+    The default attention processor of DiffAE's attention blocks: diffusers' `AttnProcessor2_0` (PyTorch's fused
+    scaled-dot-product attention), except for fp16/bf16 activations on a CPU, which go to diffusers' `AttnProcessor`
+    (batched matmuls, softmax in fp32). At the token counts of DiffAE's attention (16x16 maps and smaller) the fused
+    CPU kernel runs bf16 no faster than fp32, while the batched matmuls make a bf16 encode + decode at 32 px markedly
+    faster (docs/results/speed.md). Both compute the same attention; `set_attn_processor` replaces this one as in
+    any diffusers model.
+    """
+
+    def __init__(self):
+        self.fused, self.batched = AttnProcessor2_0(), AttnProcessor()
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        half_on_cpu = hidden_states.device.type == "cpu" and hidden_states.dtype in (torch.float16, torch.bfloat16)
+        return (self.batched if half_on_cpu else self.fused)(attn, hidden_states, *args, **kwargs)
+
+
 def attention_block(channels: int, num_heads: int) -> Attention:
     """Single-scale spatial self-attention with a residual connection (official `AttentionBlock`).
 
     The official block is `x + proj_out(attention(qkv(norm(x))))` with `1/sqrt(d)` scaling; diffusers'
-    `Attention` with `group_norm` and `residual_connection` computes exactly that through SDPA.
+    `Attention` with `group_norm` and `residual_connection` computes exactly that ([`DiffAEAttnProcessor`]).
     """
     if channels % num_heads != 0:
         raise ValueError(f"attention channels {channels} are not divisible by num_heads={num_heads}")
@@ -56,6 +74,7 @@ def attention_block(channels: int, num_heads: int) -> Attention:
         out_bias=True,
         upcast_softmax=True,
         residual_connection=True,
+        processor=DiffAEAttnProcessor(),
     )
     # The official output projection starts at zero, so every attention block starts as the identity.
     nn.init.zeros_(attn.to_out[0].weight)
