@@ -290,8 +290,9 @@ def report(rows: Dict, device: str, peak: Optional[Dict] = None) -> List[str]:
             "",
             "Self CPU time by operator (the operators with the most time summed over the variants). At 32 px "
             "each network call holds a few hundred small operators, so per-operator costs (the float32 GroupNorm "
-            "with its two casts, SDPA's flash kernel at 256 tokens, SiLU, the small time / z_sem linears) weigh "
-            "against the convolutions that bf16 speeds up.",
+            "on channels-last input, SiLU, the small time / z_sem linears) weigh against the convolutions that bf16 "
+            "speeds up. (PyTorch's fused SDPA kernel, which fp32 uses, runs bf16 no faster than fp32 at 256 tokens, "
+            "so half precision on a CPU attends through batched matmuls: the `mm` rows.)",
             "",
         ]
         lines += profile_table(rows["emoji32_profile"])
