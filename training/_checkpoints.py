@@ -1,11 +1,10 @@
 """Checkpoints of the training scripts: crash-safe `checkpoint-<step>` folders, resume, EMA, and output folders.
 
-A checkpoint is written by `accelerator.save_state` into a hidden folder and renamed into place once complete, with
-`training_state.json` written last; `--resume_from_checkpoint latest` only picks folders that have it. A failed
-write (a full disk) deletes its hidden folder and stops the run with one line naming the folder and the cause.
-`prepare_resume` checks a resume before any data is read, and refuses a folder holding checkpoints newer than the
-step the run starts from (they would mix with its own, and `latest` could pick one after a crash): so the newest
-checkpoint by step is the newest written, and rotation keeps the newest by step plus the one resumed from.
+`accelerator.save_state` writes each checkpoint into a hidden folder, renamed into place once complete with
+`training_state.json` last (`--resume_from_checkpoint latest` picks only folders that have it); a failed write (a full
+disk) deletes it and stops the run with one line naming the folder and the cause. `prepare_resume` checks a resume
+before any data is read and refuses a folder holding checkpoints newer than the run's start step (they would mix with
+its own): so the newest checkpoint by step is the newest written, and rotation keeps it plus the one resumed from.
 
 A resumed run may change some settings (precision, learning rate, batch, EMA decay): `training_state.json` records
 each as `[{"steps": [first, last], <key>: value}, ...]` so that the model card reports the whole run.
@@ -91,8 +90,7 @@ def add_ema_arguments(parser: argparse.ArgumentParser) -> None:
         "--ema_min_decay",
         type=float,
         default=None,
-        help="Lower bound of the decay. Default: --ema_decay without --ema_warmup (the official constant decay), "
-        "0 with it.",
+        help="Lower bound of the decay (default: --ema_decay, the official constant; 0 with --ema_warmup).",
     )
     group.add_argument(
         "--ema_warmup",
