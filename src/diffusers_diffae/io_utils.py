@@ -3,8 +3,8 @@ compute, and writing them atomically.
 
 Every error of the command line is a `SystemExit` with one line `error: ...` that names the file and the problem.
 Outputs are checked before the model is loaded (none is an input, none exists unless `--overwrite`, the folder can be
-written), and all outputs of a run are first written to hidden temporary files beside their targets and renamed only once every one
-of them is complete: a full disk or a crash leaves the output folder as it was.
+written), and all outputs of a run are first written to hidden temporary files beside their targets and renamed only
+once every one of them is complete: a full disk or a crash leaves the output folder as it was.
 """
 
 import json
