@@ -17,7 +17,7 @@ import os
 import time
 
 import torch
-from bench_speed import machine
+from _speed_common import machine, table
 from diffusers import DDIMScheduler
 from diffusers.models.attention_processor import AttnProcessor
 from safetensors.torch import load_file
@@ -122,17 +122,16 @@ def held_out_images(dataset: str, split: str, num_images: int, pipe: DiffAEPipel
     return (pipe.preprocess([data[i]["image"] for i in order]) + 1) / 2
 
 
-def table(rows) -> list:
-    lines = [
-        "| inversion | T | network calls to encode | SSIM (official) | SSIM (plain) | MSE | CPU seconds |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['inversion']} | {r['T']} | {r['encode_calls']} | {r['ssim_official']:.4f} | {r['ssim']:.4f} | "
-            f"{r['mse']:.2e} | {r['cpu_seconds']:.1f} |"
-        )
-    return lines
+def reconstruction_table(rows) -> list:
+    """The reconstruction rows as a Markdown table (followed by a blank line)."""
+    return table(
+        "inversion | T | network calls to encode | SSIM (official) | SSIM (plain) | MSE | CPU seconds",
+        [
+            [r["inversion"], str(r["T"]), str(r["encode_calls"]), f"{r['ssim_official']:.4f}", f"{r['ssim']:.4f}",
+             f"{r['mse']:.2e}", f"{r['cpu_seconds']:.1f}"]
+            for r in rows
+        ],
+    )  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -205,20 +204,25 @@ def main(argv=None) -> int:
         "Encode at T steps (`pipe.encode(..., inversion=...)`), decode with the pipeline's DDIM scheduler at the same T. "
         f"Exact inversion spends {args.iterations} network calls per step (`inversion_iterations`).",
         "",
-        *table(rows),
-        "",
+        *reconstruction_table(rows),
         f"## Official fixture model (`{args.fixture_dir}`: its 4 input images, 32 px, weights barely trained)",
         "",
-        *table(fixture_rows),
-        "",
-        "| inversion | T | max abs error, all pixels | unsaturated pixels | share | never-clipped pixels | share |",
-        "|---|---|---|---|---|---|---|",
-        *[
-            f"| {r['inversion']} | {r['T']} | {r['max_abs']:.2e} | {r['max_abs_inside']:.2e} | {r['inside']:.2f} | "
-            f"{r['max_abs_unclipped']:.2e} | {r['unclipped']:.2f} |"
-            for r in fixture_rows
-        ],
-        "",
+        *reconstruction_table(fixture_rows),
+        *table(
+            "inversion | T | max abs error, all pixels | unsaturated pixels | share | never-clipped pixels | share",
+            [
+                [
+                    r["inversion"],
+                    str(r["T"]),
+                    f"{r['max_abs']:.2e}",
+                    f"{r['max_abs_inside']:.2e}",
+                    f"{r['inside']:.2f}",
+                    f"{r['max_abs_unclipped']:.2e}",
+                    f"{r['unclipped']:.2f}",
+                ]
+                for r in fixture_rows
+            ],
+        ),  # fmt: skip
         "Errors on the model's [-1, 1] scale. Unsaturated pixels: neither the input nor the reconstruction is at 0 or "
         "1 (where the decoder's x0 clipping decides the value, no x_T moves it). Never-clipped pixels: the decoder's "
         "predicted x0 stays inside [-1, 1] at every step of the decode from these codes.",
@@ -229,16 +233,23 @@ def main(argv=None) -> int:
         "step's fixed-point map x -> solve(eps(x)) at the x reached, largest over the images; fixed-point refinement "
         "converges near the solution only below 1. Residual: max |step(x) - target| left after the step's calls.",
         "",
-        "| timestep | bundled: spectral radius | bundled: residual | fixture: spectral radius | fixture: residual |",
-        "|---|---|---|---|---|",
-        *[
-            f"| {b['t']} | {b['radius']:.2f} | {b['residual']:.1e} | {f['radius']:.2f} | {f['residual']:.1e} |"
-            for b, f in zip(radii["bundled"], radii["fixture"])
-        ],
+        *table(
+            "timestep | bundled: spectral radius | bundled: residual | fixture: spectral radius | fixture: residual",
+            [
+                [
+                    str(b["t"]),
+                    f"{b['radius']:.2f}",
+                    f"{b['residual']:.1e}",
+                    f"{f['radius']:.2f}",
+                    f"{f['residual']:.1e}",
+                ]
+                for b, f in zip(radii["bundled"], radii["fixture"])
+            ],
+        ),
     ]
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, f"{args.name}.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(lines))
     with open(os.path.join(args.output, f"{args.name}.json"), "w", encoding="utf-8") as f:
         json.dump(
             {

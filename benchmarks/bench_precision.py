@@ -22,8 +22,8 @@ import tempfile
 from typing import Dict, List
 
 import torch
+from _speed_common import machine, table
 from bench_inversion import held_out_images  # the same seeded subset as the inversion report
-from bench_speed import machine
 from safetensors.torch import load_file
 
 from diffusers_diffae import DiffAEPipeline
@@ -101,18 +101,16 @@ def measure_model(folder: str, images: torch.Tensor, steps: List[int], fp16_imag
     return {"rows": rows}
 
 
-def table(rows: List[Dict]) -> List[str]:
-    lines = [
-        "| variant | test | T | images | mean abs diff to fp32 | max abs diff to fp32 | SSIM to inputs | fp32 SSIM |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        scores = f"{r['ssim']:.4f} | {r['ssim_fp32']:.4f}" if "ssim" in r else "– | –"
-        lines.append(
-            f"| {r['variant']} | {r['test']} | {r['T'] or '–'} | {r['images']} | {r['mean_abs']:.2e} | "
-            f"{r['max_abs']:.2e} | {scores} |"
-        )
-    return lines
+def precision_table(rows: List[Dict]) -> List[str]:
+    """The rows as a Markdown table (followed by a blank line)."""
+    return table(
+        "variant | test | T | images | mean abs diff to fp32 | max abs diff to fp32 | SSIM to inputs | fp32 SSIM",
+        [
+            [r["variant"], r["test"], str(r["T"] or "–"), str(r["images"]), f"{r['mean_abs']:.2e}",
+             f"{r['max_abs']:.2e}", *([f"{r['ssim']:.4f}", f"{r['ssim_fp32']:.4f}"] if "ssim" in r else ["–", "–"])]
+            for r in rows
+        ],
+    )  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -166,16 +164,15 @@ def main(argv=None) -> int:
         "",
         f"## Trained bundled model (`{args.pipeline}`): {len(images)} held-out images of split `{args.split}`",
         "",
-        *table(trained["rows"]),
-        "",
+        *precision_table(trained["rows"]),
         f"## Official fixture model (`{args.fixture_dir}`: its {len(fixture_images)} input images, weights barely "
         "trained)",
         "",
-        *table(official["rows"]),
+        *precision_table(official["rows"]),
     ]
     os.makedirs(args.output, exist_ok=True)
     for extension, text in (
-        ("md", "\n".join(lines) + "\n"),
+        ("md", "\n".join(lines)),
         ("json", json.dumps({"command": command, "trained": trained, "official": official}, indent=1)),
     ):
         path = os.path.join(args.output, f"{args.name}.{extension}")
