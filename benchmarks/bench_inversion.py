@@ -122,6 +122,14 @@ def held_out_images(dataset: str, split: str, num_images: int, pipe: DiffAEPipel
     return (pipe.preprocess([data[i]["image"] for i in order]) + 1) / 2
 
 
+def add_held_out_arguments(parser: argparse.ArgumentParser, num_images: int) -> None:
+    """The options that pick the pipeline and its held-out images (for [`held_out_images`])."""
+    parser.add_argument("--dataset", required=True, help="save_to_disk dataset with the held-out images.")
+    parser.add_argument("--split", default="test", help="Split of the held-out images.")
+    parser.add_argument("--pipeline", default=BUNDLED, help="DiffAE pipeline folder (default: the bundled model).")
+    parser.add_argument("--num_images", type=int, default=num_images, help="Held-out images (seeded random subset).")
+
+
 def reconstruction_table(rows) -> list:
     """The reconstruction rows as a Markdown table (followed by a blank line)."""
     return table(
@@ -136,10 +144,7 @@ def reconstruction_table(rows) -> list:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", required=True, help="save_to_disk dataset with the held-out images.")
-    parser.add_argument("--split", default="test", help="Split of the held-out images.")
-    parser.add_argument("--pipeline", default=BUNDLED, help="DiffAE pipeline folder (default: the bundled model).")
-    parser.add_argument("--num_images", type=int, default=64, help="Held-out images (seeded random subset).")
+    add_held_out_arguments(parser, num_images=64)
     parser.add_argument("--batch_size", type=int, default=32, help="Images per network call.")
     parser.add_argument("--ddim_steps", default="10,20,50,100,250", help="T of the DDIM inversion rows.")
     parser.add_argument("--exact_steps", default="5,10,20", help="T of the exact inversion rows.")

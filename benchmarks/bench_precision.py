@@ -23,7 +23,7 @@ from typing import Dict, List
 
 import torch
 from _speed_common import machine, table
-from bench_inversion import held_out_images  # the same seeded subset as the inversion report
+from bench_inversion import FIXTURES, add_held_out_arguments, held_out_images  # the inversion report's subset
 from safetensors.torch import load_file
 
 from diffusers_diffae import DiffAEPipeline
@@ -31,8 +31,6 @@ from diffusers_diffae.convert import convert_official_checkpoint
 from diffusers_diffae.evaluation import metrics
 
 
-BUNDLED = os.path.join("src", "diffusers_diffae", "demo_assets", "diffae-emoji32")
-FIXTURES = os.path.join("pipelines_tests", "fixtures", "official")
 VARIANTS = {  # name -> (torch_dtype of from_pretrained, autocast dtype)
     "fp16": (torch.float16, None),
     "bf16": (torch.bfloat16, None),
@@ -115,10 +113,7 @@ def precision_table(rows: List[Dict]) -> List[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", required=True, help="save_to_disk dataset with the held-out images.")
-    parser.add_argument("--split", default="test", help="Split of the held-out images.")
-    parser.add_argument("--pipeline", default=BUNDLED, help="DiffAE pipeline folder (default: the bundled model).")
-    parser.add_argument("--num_images", type=int, default=16, help="Held-out images (seeded random subset).")
+    add_held_out_arguments(parser, num_images=16)
     parser.add_argument("--steps", default="10,20", help="Comma-separated T of the decode and encode rows.")
     parser.add_argument("--fp16_images", type=int, default=4, help="Images of the fp16 rows (run at the first T).")
     parser.add_argument("--fixture_dir", default=FIXTURES, help="Official fixture (last.ckpt, config.json, inputs).")
